@@ -1,0 +1,170 @@
+"""`python train.py ...`: LightningCLI over the nnU-Net DataModule and the ResEnc module.
+
+`--plans/--dataset/--configuration/--fold` read like `nnUNetv2_train`; everything else is
+LightningCLI (`--config configs/x.yaml`, `--trainer.*`, `--model.*`, `--data.*`,
+`--print_config`). This file holds only the glue: nnU-Net's defaults for the Trainer, the output
+folder, the forced callbacks and `--resume`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
+
+from resenc_lightning import demo
+from resenc_lightning.callbacks.epoch_report import EpochReport
+from resenc_lightning.callbacks.rng_state import RNGStateCheckpoint
+from resenc_lightning.data import NnUNetDataModule
+from resenc_lightning.module import ResEncUNetModule
+from resenc_lightning.plans import RunSpecError
+
+#: nnUNetTrainer's loop settings expressed as Trainer defaults (each overridable with --trainer.*).
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "gradient_clip_val": 12.0,
+    "gradient_clip_algorithm": "norm",
+    "num_sanity_val_steps": 0,  # nnU-Net does not validate before training (and it would shift RNG)
+    "use_distributed_sampler": False,  # each rank draws its own random cases, like nnU-Net
+    "check_val_every_n_epoch": 1,
+    "log_every_n_steps": 50,
+}
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+class UsageError(SystemExit):
+    """A one-line, user-fixable error: printed without a traceback."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"error: {message}")
+
+
+class ResEncLightningCLI(LightningCLI):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.resume = False
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--plans", type=str, default="nnUNetResEncUNetLPlans",
+                            help="nnU-Net plans identifier (file name in the dataset's preprocessed folder).")
+        parser.add_argument("--dataset", type=str | None, default=None,
+                            help="Dataset ID or name in $nnUNet_preprocessed; omit to train the embedded demo.")
+        parser.add_argument("--configuration", type=str | None, default=None,
+                            help="Plans configuration: 3d_fullres (default), 3d_lowres, 2d or a custom one.")
+        parser.add_argument("--fold", type=str, default="0", help="Fold 0-4 of nnU-Net's split, or 'all'.")
+        parser.add_argument("--resume", type=bool, default=False,
+                            help="Continue from the fold's last checkpoint (nnU-Net's --c).")
+        parser.add_argument("--save_every", type=int, default=50,
+                            help="Keep a snapshot checkpoint every N epochs (nnU-Net's save_every).")
+        for name in ("plans", "dataset", "configuration", "fold"):
+            parser.link_arguments(name, f"data.{name}")
+        parser.link_arguments("data.spec", "model.spec", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        if self.config.get("dataset") is None:
+            print(f"resenc-lightning: no --dataset given, training the embedded demo dataset "
+                  f"({demo.DEMO_DATASET_NAME}, plans {self.config.get('plans')}).", flush=True)
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config
+        self.resume = bool(cfg.get("resume"))
+        if cfg.trainer.max_epochs is None:
+            cfg.trainer.max_epochs = demo.DEMO_EPOCHS if cfg.get("dataset") is None else 1000
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except RunSpecError as e:
+            raise UsageError(str(e)) from None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        out = self.output_folder
+        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        config["default_root_dir"] = config.get("default_root_dir") or str(out)
+        if config.get("logger") in (None, True):
+            config["logger"] = CSVLogger(save_dir=str(out), name="logs")
+        on_cuda = _uses_cuda(config.get("accelerator"))
+        if config.get("precision") is None:
+            config["precision"] = "16-mixed" if on_cuda else "32-true"
+        if config.get("benchmark") is None and on_cuda and not config.get("deterministic"):
+            config["benchmark"] = True  # nnU-Net's run_training sets cudnn.benchmark on CUDA
+        callbacks = list(config.get("callbacks") or [])
+        if not any(isinstance(c, ProgressBar) for c in callbacks):
+            if sys.stdout.isatty():
+                callbacks.append(RichProgressBar())
+            else:
+                config["enable_progress_bar"] = False  # plain per-epoch lines in CI / SLURM logs
+        config["callbacks"] = callbacks
+        return self._instantiate_trainer(config, extra + self.forced_callbacks())
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    @property
+    def output_folder(self) -> Path:
+        return Path(self.datamodule.spec.output_folder)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_folder / CHECKPOINT_DIR
+
+    def forced_callbacks(self) -> list:
+        save_every = int(self.config.get("save_every") or 50)
+        return [
+            ModelCheckpoint(dirpath=self.checkpoint_dir, filename="best", monitor="ema_fg_dice", mode="max",
+                            save_last=True, save_top_k=1, enable_version_counter=False),
+            ModelCheckpoint(dirpath=self.checkpoint_dir, filename="epoch_{epoch:04d}", auto_insert_metric_name=False,
+                            every_n_epochs=save_every, save_top_k=-1, monitor=None, enable_version_counter=False),
+            RNGStateCheckpoint(),
+            EpochReport(),
+        ]
+
+    def resolve_ckpt_path(self) -> str | None:
+        last = self.checkpoint_dir / LAST_CHECKPOINT
+        if self.resume:
+            if not last.is_file():
+                raise UsageError(f"--resume given but there is no checkpoint at {last}; run without --resume to "
+                                 f"start this fold.")
+            return str(last)
+        if self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.glob("*.ckpt")):
+            raise UsageError(f"{self.checkpoint_dir} already holds checkpoints; add --resume to continue that run, "
+                             f"or pass another --fold / --data.trainer_name (nothing was overwritten).")
+        return None
+
+
+def _uses_cuda(accelerator: Any) -> bool:
+    if not torch.cuda.is_available():
+        return False
+    name = getattr(accelerator, "__class__", type(None)).__name__.lower() if not isinstance(accelerator, str) \
+        else accelerator
+    return accelerator is None or name in ("auto", "gpu", "cuda") or "cuda" in str(name)
+
+
+def build_cli(args: list[str] | None = None) -> ResEncLightningCLI:
+    return ResEncLightningCLI(
+        ResEncUNetModule,
+        NnUNetDataModule,
+        run=False,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=SaveConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={"description": __doc__.split("\n")[0], "default_env": False},
+        args=args,
+    )
+
+
+def main(args: list[str] | None = None) -> Path:
+    cli = build_cli(args)
+    ckpt_path = cli.resolve_ckpt_path()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    out = cli.output_folder
+    if cli.trainer.is_global_zero:
+        print(f"Output folder: {out}", flush=True)
+    return out

@@ -1,0 +1,177 @@
+"""nnU-Net's data pipeline as a LightningDataModule.
+
+nnunetv2's dataset class, split, `nnUNetDataLoader`, batchgeneratorsv2 transforms and
+(NonDet)MultiThreadedAugmenter are used as they are. We add only what Lightning needs: a finite
+"epoch" view of nnU-Net's infinite augmenter (250/50 iterations), augmenters started after
+Lightning has set the rank's device, and seeded workers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+from resenc_lightning import recipe
+from resenc_lightning.plans import RunSpec, resolve_run
+
+#: nnU-Net's schedule (nnUNetTrainer.__init__).
+NNUNET_TRAIN_ITERATIONS = 250
+NNUNET_VAL_ITERATIONS = 50
+
+
+class EpochBatches:
+    """A finite, sized view (one epoch) of nnU-Net's infinite augmenter; Lightning iterates it per epoch."""
+
+    def __init__(self, source: Any, num_batches: int) -> None:
+        self.source = source
+        self.num_batches = num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        for _ in range(self.num_batches):
+            yield next(self.source)
+
+
+def shutdown_augmenter(augmenter: Any) -> None:
+    """Stop worker processes so no augmenter outlives the run."""
+    finish = getattr(augmenter, "_finish", None)
+    if finish is not None:
+        finish()
+
+
+class NnUNetDataModule(pl.LightningDataModule):
+    """Training and validation batches exactly as nnUNetTrainer.get_dataloaders makes them.
+
+    Args:
+        plans: plans identifier (file name without .json), e.g. nnUNetResEncUNetLPlans.
+        dataset: dataset ID or name under nnUNet_preprocessed; None trains the embedded demo.
+        configuration: plans configuration (3d_fullres, 3d_lowres, 2d, or a custom one);
+            None means 3d_fullres, or the demo's configuration for the demo.
+        fold: 0-4 (nnU-Net's 5-fold split from splits_final.json) or "all".
+        num_iterations_per_epoch: training batches per epoch (None: nnU-Net's 250; the demo's own).
+        num_val_iterations_per_epoch: validation batches per epoch (None: nnU-Net's 50; the demo's own).
+        oversample_foreground_percent: fraction of each batch centred on foreground (nnU-Net: 0.33).
+        probabilistic_oversampling: oversample per sample with that probability instead of the last samples.
+        num_workers: augmentation processes; None honours nnUNet_n_proc_DA like nnU-Net; 0 = in-process.
+        seed: base seed of the augmentation workers (None: the run seed, PL_GLOBAL_SEED, else 12345).
+        trainer_name: the `<trainer>` part of nnU-Net's output folder name.
+        results_dir: where runs are written; None means $nnUNet_results.
+    """
+
+    def __init__(
+        self,
+        plans: str = "nnUNetResEncUNetLPlans",
+        dataset: str | None = None,
+        configuration: str | None = None,
+        fold: str = "0",
+        num_iterations_per_epoch: int | None = None,
+        num_val_iterations_per_epoch: int | None = None,
+        oversample_foreground_percent: float = 0.33,
+        probabilistic_oversampling: bool = False,
+        num_workers: int | None = None,
+        seed: int | None = None,
+        trainer_name: str = "nnUNetTrainer_Lightning",
+        results_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.is_demo = dataset is None
+        if self.is_demo:
+            from resenc_lightning import demo
+
+            info = demo.ensure_demo_dataset(plans=plans)
+            dataset = info.dataset_name
+            configuration = configuration or info.configuration
+            num_iterations_per_epoch = num_iterations_per_epoch or info.num_iterations_per_epoch
+            num_val_iterations_per_epoch = num_val_iterations_per_epoch or info.num_val_iterations_per_epoch
+        self.spec: RunSpec = resolve_run(
+            plans, dataset, configuration or "3d_fullres", fold, trainer_name=trainer_name,
+            results_root=Path(results_dir) if results_dir else None,
+        )
+        self.num_iterations_per_epoch = num_iterations_per_epoch or NNUNET_TRAIN_ITERATIONS
+        self.num_val_iterations_per_epoch = num_val_iterations_per_epoch or NNUNET_VAL_ITERATIONS
+        self.oversample_foreground_percent = oversample_foreground_percent
+        self.probabilistic_oversampling = probabilistic_oversampling
+        self.num_workers = num_workers
+        self.seed = seed
+        self._train_augmenter = None
+        self._val_augmenter = None
+        self.batch_size: int | None = None
+        self.rank_oversample: float | None = None
+
+    # -- recipe ---------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        view = recipe.trainer_view(self.spec, oversample_foreground_percent=self.oversample_foreground_percent)
+        self.batch_size, self.rank_oversample = recipe.batch_size_and_oversample(view)
+        self.aug = recipe.augmentation_params(view)
+        self.train_keys, self.val_keys = recipe.split(view)
+        dataset_class = infer_dataset_class(str(self.spec.preprocessed_data_folder))
+        folder = str(self.spec.preprocessed_data_folder)
+        patch = view.configuration_manager.patch_size
+        self._dl_train = nnUNetDataLoader(
+            dataset_class(folder, self.train_keys), self.batch_size, self.aug.initial_patch_size, patch,
+            view.label_manager, oversample_foreground_percent=self.rank_oversample,
+            probabilistic_oversampling=self.probabilistic_oversampling,
+            transforms=recipe.training_transforms(view, self.aug),
+        )
+        self._dl_val = nnUNetDataLoader(
+            dataset_class(folder, self.val_keys), self.batch_size, patch, patch, view.label_manager,
+            oversample_foreground_percent=self.rank_oversample,
+            probabilistic_oversampling=self.probabilistic_oversampling,
+            transforms=recipe.validation_transforms(view),
+        )
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        return tuple(self.spec.configuration_manager.patch_size)
+
+    def workers(self) -> int:
+        return recipe.n_proc_da() if self.num_workers is None else int(self.num_workers)
+
+    def _worker_seeds(self, n: int, offset: int) -> list[int]:
+        """Distinct per rank/worker/stream and reproducible from the run seed and the epoch we start at."""
+        base = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 12345))
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        rs = np.random.SeedSequence([base, rank, epoch, offset])
+        return [int(s) for s in rs.generate_state(n)]
+
+    def _augmenter(self, loader: nnUNetDataLoader, train: bool):
+        n = self.workers()
+        if n == 0:
+            return SingleThreadedAugmenter(loader, None)
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        num_processes = n if train else max(1, n // 2)
+        cached = max(6, n // 2) if train else max(3, n // 4)
+        return NonDetMultiThreadedAugmenter(
+            loader, None, num_processes=num_processes, num_cached=cached,
+            seeds=self._worker_seeds(num_processes, 0 if train else 1), pin_memory=pin, wait_time=0.002,
+        )
+
+    # -- Lightning hooks --------------------------------------------------------------------------------
+    def train_dataloader(self) -> EpochBatches:
+        # Called by Lightning after the rank's device is set: the pin-memory thread binds to it.
+        if self._train_augmenter is None:
+            self._train_augmenter = self._augmenter(self._dl_train, train=True)
+        return EpochBatches(self._train_augmenter, self.num_iterations_per_epoch)
+
+    def val_dataloader(self) -> EpochBatches:
+        if self._val_augmenter is None:
+            self._val_augmenter = self._augmenter(self._dl_val, train=False)
+        return EpochBatches(self._val_augmenter, self.num_val_iterations_per_epoch)
+
+    def teardown(self, stage: str | None = None) -> None:
+        for attr in ("_train_augmenter", "_val_augmenter"):
+            augmenter = getattr(self, attr)
+            if augmenter is not None:
+                shutdown_augmenter(augmenter)
+                setattr(self, attr, None)

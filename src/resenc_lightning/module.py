@@ -1,0 +1,253 @@
+"""nnUNetTrainer's model-side recipe as a LightningModule.
+
+Network, loss, optimizer, PolyLR, pseudo-Dice and its EMA, exactly as nnU-Net does them; Lightning
+owns the loop, precision (fp16 autocast + GradScaler = `16-mixed`), gradient clipping (norm 12),
+DDP and checkpointing. This module knows nothing about files: it gets a resolved `RunSpec`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+from resenc_lightning import recipe
+from resenc_lightning.plans import RunSpec
+
+#: nnU-Net's per-epoch logging lists (nnunetv2 LocalLogger), kept for export and progress.png.
+NNUNET_LOG_KEYS = (
+    "mean_fg_dice", "ema_fg_dice", "dice_per_class_or_region", "train_losses", "val_losses", "lrs",
+    "epoch_start_timestamps", "epoch_end_timestamps",
+)
+
+
+class ResEncUNetModule(pl.LightningModule):
+    """ResidualEncoderUNet trained with nnU-Net's loss, optimizer, schedule and online pseudo-Dice.
+
+    Args:
+        spec: the resolved run (linked from the DataModule by the CLI).
+        initial_lr: SGD learning rate at epoch 0 (nnU-Net: 1e-2).
+        weight_decay: SGD weight decay (nnU-Net: 3e-5).
+        momentum: SGD momentum, Nesterov (nnU-Net: 0.99).
+        num_epochs: length of the PolyLR schedule; None = trainer.max_epochs (nnU-Net: 1000).
+        poly_exponent: PolyLR exponent (nnU-Net: 0.9).
+        enable_deep_supervision: deep supervision with nnU-Net's weights.
+        compile: torch.compile the network; None follows nnU-Net (on for CUDA unless nnUNet_compile=f).
+        channels_last: channels-last (NDHWC) memory format for network and inputs.
+        ema_momentum: weight of the previous EMA pseudo-Dice (nnU-Net: 0.9).
+    """
+
+    def __init__(
+        self,
+        spec: Any = None,
+        initial_lr: float = 1e-2,
+        weight_decay: float = 3e-5,
+        momentum: float = 0.99,
+        num_epochs: int | None = None,
+        poly_exponent: float = 0.9,
+        enable_deep_supervision: bool = True,
+        compile: bool | None = None,
+        channels_last: bool = False,
+        ema_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if spec is None:
+            raise ValueError("ResEncUNetModule needs a RunSpec (the CLI links it from the DataModule).")
+        self.save_hyperparameters(ignore=["spec"])
+        self.spec: RunSpec = spec
+        self.view = recipe.trainer_view(spec, enable_deep_supervision=enable_deep_supervision,
+                                        compile_network=False)
+        self.network = recipe.build_network(self.view)
+        self.loss = recipe.build_loss(self.view)
+        self.label_manager = self.view.label_manager
+        self.aug = recipe.augmentation_params(self.view)
+        self.ema_fg_dice: float | None = None
+        self.best_ema: float | None = None
+        self.nnunet_log: dict[str, list] = {k: [] for k in NNUNET_LOG_KEYS}
+        self._train_losses: list[torch.Tensor] = []
+        self._val: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._forward_impl = None
+
+    # -- properties the callbacks and the CLI use ---------------------------------------------------------
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        return tuple(self.view.configuration_manager.patch_size)
+
+    @property
+    def num_input_channels(self) -> int:
+        return recipe.num_input_channels(self.view)
+
+    @property
+    def inference_allowed_mirroring_axes(self) -> tuple[int, ...]:
+        return self.aug.mirror_axes
+
+    def schedule_length(self) -> int:
+        if self.hparams.num_epochs is not None:
+            return int(self.hparams.num_epochs)
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
+        return int(max_epochs) if max_epochs and max_epochs > 0 else 1000
+
+    # -- model ---------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.hparams.channels_last:
+            self.network = self.network.to(memory_format=_channels_last(len(self.patch_size)))
+        compile_network = self.hparams.compile
+        if compile_network is None:
+            compile_network = recipe.compile_requested(self.device)
+        # The compiled wrapper is kept outside the module tree so state_dict keys stay nnU-Net's.
+        self._forward_impl = torch.compile(self.network) if compile_network else None
+
+    def forward(self, x: torch.Tensor):
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=_channels_last(x.ndim - 2))
+        fn = self._forward_impl if self._forward_impl is not None else self.network
+        return fn(x)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.network.parameters(), lr=self.hparams.initial_lr,
+                                    weight_decay=self.hparams.weight_decay, momentum=self.hparams.momentum,
+                                    nesterov=True)
+        scheduler = PolyLRScheduler(optimizer, self.hparams.initial_lr, self.schedule_length(),
+                                    self.hparams.poly_exponent)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        """No-op: nnU-Net sets the LR at the *start* of each epoch from the epoch index (see below)."""
+
+    # -- training ------------------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        scheduler = self.lr_schedulers()
+        scheduler.step(self.current_epoch)
+        self._train_losses = []
+        self._epoch_start = time.time()
+        self.nnunet_log["lrs"].append(float(self.optimizers().param_groups[0]["lr"]))
+        self.nnunet_log["epoch_start_timestamps"].append(self._epoch_start)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        output = self(batch["data"])
+        loss = self.loss(output, batch["target"])
+        self._train_losses.append(loss.detach())
+        return loss
+
+    # -- validation (nnUNetTrainer.validation_step) ----------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        data, target = batch["data"], batch["target"]
+        output = self(data)
+        loss = self.loss(output, target)
+        if self.hparams.enable_deep_supervision:
+            output, target = output[0], target[0]
+        tp, fp, fn = _tp_fp_fn(output, target, self.label_manager)
+        self._val.append((float(loss.detach().cpu()), tp, fp, fn))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self._val:
+            return
+        losses = np.array([v[0] for v in self._val])
+        tp, fp, fn = (np.sum([v[i] for v in self._val], axis=0) for i in (1, 2, 3))
+        train_losses = torch.stack(self._train_losses).float() if self._train_losses else torch.zeros(0)
+        # Sum over ranks before Dice/EMA so the logged value equals the single-process computation.
+        stats = torch.tensor(np.concatenate([tp, fp, fn, [losses.sum(), len(losses)]]), dtype=torch.float64,
+                             device=self.device)
+        train_stats = torch.tensor([float(train_losses.sum()), float(train_losses.numel())],
+                                   dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            stats = self.all_gather(stats).sum(0)
+            train_stats = self.all_gather(train_stats).sum(0)
+        stats = stats.cpu().numpy()
+        n = len(tp)
+        tp, fp, fn = stats[:n], stats[n:2 * n], stats[2 * n:3 * n]
+        val_loss = stats[-2] / max(stats[-1], 1)
+        train_loss = float(train_stats[0] / max(float(train_stats[1]), 1.0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dice = 2 * tp / (2 * tp + fp + fn)
+        mean_fg_dice = float(np.nanmean(dice)) if np.any(~np.isnan(dice)) else float("nan")
+        m = self.hparams.ema_momentum
+        self.ema_fg_dice = mean_fg_dice if self.ema_fg_dice is None else m * self.ema_fg_dice + (1 - m) * mean_fg_dice
+        lr = float(self.optimizers().param_groups[0]["lr"])
+        names = self.class_names()
+        metrics = {"train_loss": train_loss, "val_loss": float(val_loss), "mean_fg_dice": mean_fg_dice,
+                   "ema_fg_dice": float(self.ema_fg_dice), "lr": lr}
+        metrics.update({f"dice/{name}": float(d) for name, d in zip(names, dice)})
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=False, sync_dist=False, rank_zero_only=True)
+        if self.best_ema is None or self.ema_fg_dice > self.best_ema:
+            self.best_ema = float(self.ema_fg_dice)
+        log = self.nnunet_log
+        log["mean_fg_dice"].append(mean_fg_dice)
+        log["ema_fg_dice"].append(float(self.ema_fg_dice))
+        log["dice_per_class_or_region"].append([float(d) for d in dice])
+        log["train_losses"].append(train_loss)
+        log["val_losses"].append(float(val_loss))
+        log["epoch_end_timestamps"].append(time.time())
+
+    def class_names(self) -> list[str]:
+        """Foreground label (or region) names in the order of the pseudo-Dice vector."""
+        labels = self.spec.dataset_json["labels"]
+        lm = self.label_manager
+        if lm.has_regions:
+            return [name for name, v in labels.items() if isinstance(v, (list, tuple)) and name != "ignore"]
+        by_value = {int(v): k for k, v in labels.items() if not isinstance(v, (list, tuple))}
+        return [by_value.get(int(i), str(i)) for i in lm.foreground_labels]
+
+    # -- checkpoint state ------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nnunet"] = {
+            "ema_fg_dice": self.ema_fg_dice, "best_ema": self.best_ema, "logging": self.nnunet_log,
+            "plans_identifier": self.spec.plans_identifier, "configuration": self.spec.configuration,
+            "fold": self.spec.fold, "dataset_name": self.spec.dataset_name,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("nnunet", {})
+        ours = (self.spec.dataset_name, self.spec.plans_identifier, self.spec.configuration, str(self.spec.fold))
+        theirs = (state.get("dataset_name"), state.get("plans_identifier"), state.get("configuration"),
+                  str(state.get("fold")))
+        if state and ours != theirs:
+            raise ValueError(
+                f"checkpoint was trained on {'/'.join(theirs)} but this run is {'/'.join(ours)}; "
+                f"resume with the same --dataset/--plans/--configuration/--fold or start a new run."
+            )
+        self.ema_fg_dice = state.get("ema_fg_dice")
+        self.best_ema = state.get("best_ema")
+        self.nnunet_log = state.get("logging", {k: [] for k in NNUNET_LOG_KEYS})
+
+
+def _channels_last(spatial_dims: int) -> torch.memory_format:
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
+def _tp_fp_fn(output: torch.Tensor, target: torch.Tensor, label_manager) -> tuple[np.ndarray, ...]:
+    """nnUNetTrainer.validation_step's hard tp/fp/fn (background dropped for labels, ignore label masked)."""
+    axes = [0] + list(range(2, output.ndim))
+    if label_manager.has_regions:
+        predicted = (torch.sigmoid(output) > 0.5).long()
+    else:
+        seg = output.argmax(1)[:, None]
+        predicted = torch.zeros(output.shape, device=output.device, dtype=torch.float16)
+        predicted.scatter_(1, seg, 1)
+        del seg
+    if label_manager.has_ignore_label:
+        if not label_manager.has_regions:
+            mask = (target != label_manager.ignore_label).float()
+            target = target.clone()
+            target[target == label_manager.ignore_label] = 0
+        else:
+            if target.dtype == torch.bool:
+                mask = ~target[:, -1:]
+            else:
+                mask = 1 - target[:, -1:]
+            target = target[:, :-1]
+    else:
+        mask = None
+    tp, fp, fn, _ = get_tp_fp_fn_tn(predicted, target, axes=axes, mask=mask)
+    tp, fp, fn = (t.detach().cpu().numpy() for t in (tp, fp, fn))
+    if not label_manager.has_regions:
+        tp, fp, fn = tp[1:], fp[1:], fn[1:]
+    return tp, fp, fn

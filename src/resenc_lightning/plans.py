@@ -1,0 +1,211 @@
+"""Find and validate the nnU-Net dataset, plans and configuration a run trains on.
+
+Everything here runs before any model or GPU work so that a user's mistake costs seconds and
+produces one sentence naming the bad value and the fix (DESIGN.md, "Errors a user can cause").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+#: Configurations we refuse with a reason instead of training them wrongly.
+UNSUPPORTED_CONFIGURATIONS = {
+    "3d_cascade_fullres": (
+        "the cascade needs the 3d_lowres predictions as extra input channels, which resenc-lightning does not "
+        "produce yet; train 3d_fullres or 3d_lowres instead"
+    ),
+}
+
+#: Keys a configuration must resolve to (after `inherits_from`) for us to build data and network.
+REQUIRED_CONFIGURATION_KEYS = ("data_identifier", "patch_size", "batch_size", "architecture", "spacing")
+REQUIRED_ARCHITECTURE_KEYS = ("network_class_name", "arch_kwargs", "_kw_requires_import")
+
+
+class RunSpecError(ValueError):
+    """A user-fixable problem with the dataset / plans / configuration / fold a run asks for."""
+
+
+@dataclass
+class RunSpec:
+    """Everything the DataModule, the module and the callbacks need to know about one nnU-Net run."""
+
+    dataset_name: str
+    plans_identifier: str
+    configuration: str
+    fold: int | str
+    plans: dict
+    dataset_json: dict
+    preprocessed_base: Path
+    output_folder: Path | None
+    trainer_name: str
+    plans_file: Path
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def plans_manager(self) -> PlansManager:
+        return PlansManager(self.plans)
+
+    @property
+    def configuration_manager(self) -> ConfigurationManager:
+        return self.plans_manager.get_configuration(self.configuration)
+
+    @property
+    def preprocessed_data_folder(self) -> Path:
+        return self.preprocessed_base / self.configuration_manager.data_identifier
+
+    @property
+    def dataset_id(self) -> int:
+        return int(self.dataset_name[len("Dataset"):len("Dataset") + 3])
+
+
+def _env_dir(var: str, purpose: str) -> Path:
+    value = os.environ.get(var)
+    if not value:
+        raise RunSpecError(
+            f"{var} is not set; {purpose}. Export it (e.g. `export {var}=/data/nnUNet/{var.split('_')[1]}`) "
+            f"or omit --dataset to train the embedded demo."
+        )
+    return Path(value)
+
+
+def resolve_dataset_name(dataset: str | int, preprocessed: Path) -> str:
+    """Map an ID (`4`, `"004"`) or full name (`Dataset004_Hippocampus`) to the folder name, like nnunetv2."""
+    text = str(dataset).strip()
+    if text.startswith("Dataset"):
+        if not (preprocessed / text).is_dir():
+            raise RunSpecError(
+                f"dataset {text!r} not found in nnUNet_preprocessed={preprocessed}; run "
+                f"`nnUNetv2_plan_and_preprocess -d {text[7:10]} -pl nnUNetPlannerResEncL` first or fix the name."
+            )
+        return text
+    if not text.isdigit():
+        raise RunSpecError(
+            f"--dataset {text!r} is neither a dataset ID (e.g. 4) nor a name starting with 'Dataset' "
+            f"(e.g. Dataset004_Hippocampus)."
+        )
+    prefix = f"Dataset{int(text):03d}_"
+    found = sorted(p.name for p in preprocessed.glob(prefix + "*") if p.is_dir()) if preprocessed.is_dir() else []
+    if not found:
+        raise RunSpecError(
+            f"no dataset with ID {int(text)} in nnUNet_preprocessed={preprocessed}; run "
+            f"`nnUNetv2_plan_and_preprocess -d {int(text)} -pl nnUNetPlannerResEncL` or pick an existing ID."
+        )
+    if len(found) > 1:
+        raise RunSpecError(f"dataset ID {int(text)} is ambiguous in {preprocessed}: {found}; pass the full name.")
+    return found[0]
+
+
+def load_plans(plans_file: Path) -> dict:
+    """Read a plans JSON and check the keys we rely on, naming the first one missing."""
+    try:
+        plans = json.loads(plans_file.read_text())
+    except json.JSONDecodeError as e:
+        raise RunSpecError(f"plans file {plans_file} is not valid JSON ({e}); regenerate it with nnUNetv2_plan_experiment.")
+    for key in ("dataset_name", "plans_name", "configurations"):
+        if key not in plans:
+            raise RunSpecError(
+                f"plans file {plans_file} has no {key!r} key; regenerate it with nnUNetv2_plan_experiment."
+            )
+    return plans
+
+
+def _check_configuration(plans: dict, configuration: str, plans_file: Path) -> None:
+    if configuration in UNSUPPORTED_CONFIGURATIONS:
+        raise RunSpecError(f"--configuration {configuration} is not supported: {UNSUPPORTED_CONFIGURATIONS[configuration]}.")
+    available = sorted(plans["configurations"])
+    if configuration not in plans["configurations"]:
+        raise RunSpecError(
+            f"configuration {configuration!r} is not in {plans_file.name}; available: {', '.join(available)}."
+        )
+    resolved = PlansManager(plans).get_configuration(configuration).configuration
+    for key in REQUIRED_CONFIGURATION_KEYS:
+        if key not in resolved:
+            raise RunSpecError(
+                f"configuration {configuration!r} in {plans_file} has no {key!r} key; regenerate the plans "
+                f"with nnUNetv2_plan_experiment."
+            )
+    for key in REQUIRED_ARCHITECTURE_KEYS:
+        if key not in resolved["architecture"]:
+            raise RunSpecError(
+                f"configuration {configuration!r} in {plans_file} has no 'architecture.{key}' key; regenerate "
+                f"the plans with nnUNetv2_plan_experiment."
+            )
+
+
+def _check_fold(fold: int | str, preprocessed_base: Path) -> int | str:
+    if str(fold) == "all":
+        return "all"
+    try:
+        fold = int(fold)
+    except (TypeError, ValueError):
+        raise RunSpecError(f"--fold {fold!r} is not a fold; use 0-4 or 'all'.") from None
+    splits_file = preprocessed_base / "splits_final.json"
+    n_splits = len(json.loads(splits_file.read_text())) if splits_file.is_file() else 5
+    if fold < 0:
+        raise RunSpecError(f"--fold {fold} is negative; use 0-{n_splits - 1} or 'all'.")
+    if fold >= n_splits and not splits_file.is_file():
+        raise RunSpecError(f"--fold {fold} is out of range for nnU-Net's 5-fold split; use 0-4 or 'all'.")
+    # fold >= len(splits) with a custom splits file: nnU-Net makes a seeded 80:20 split, so do we.
+    return fold
+
+
+def resolve_run(
+    plans: str,
+    dataset: str | int,
+    configuration: str = "3d_fullres",
+    fold: int | str = 0,
+    trainer_name: str = "nnUNetTrainer_Lightning",
+    preprocessed_root: Path | None = None,
+    results_root: Path | None = None,
+) -> RunSpec:
+    """Resolve and validate dataset/plans/configuration/fold exactly the way nnunetv2 looks them up."""
+    preprocessed_root = preprocessed_root or _env_dir("nnUNet_preprocessed", "it is where nnU-Net datasets live")
+    dataset_name = resolve_dataset_name(dataset, preprocessed_root)
+    base = preprocessed_root / dataset_name
+    plans_file = base / f"{plans}.json" if not plans.endswith(".json") else Path(plans)
+    if not plans_file.is_file():
+        existing = sorted(p.stem for p in base.glob("*Plans*.json"))
+        raise RunSpecError(
+            f"plans {plans!r} not found in {base}; existing plans: {', '.join(existing) or 'none'} "
+            f"(make them with `nnUNetv2_plan_experiment -d {dataset_name[7:10]} -pl nnUNetPlannerResEncL`)."
+        )
+    plans_dict = load_plans(plans_file)
+    _check_configuration(plans_dict, configuration, plans_file)
+    dataset_json_file = base / "dataset.json"
+    if not dataset_json_file.is_file():
+        raise RunSpecError(f"{dataset_json_file} is missing; rerun nnUNetv2_plan_and_preprocess for {dataset_name}.")
+    dataset_json = json.loads(dataset_json_file.read_text())
+    spec = RunSpec(
+        dataset_name=dataset_name,
+        plans_identifier=plans_dict["plans_name"],
+        configuration=configuration,
+        fold=_check_fold(fold, base),
+        plans=plans_dict,
+        dataset_json=dataset_json,
+        preprocessed_base=base,
+        output_folder=None,
+        trainer_name=trainer_name,
+        plans_file=plans_file,
+    )
+    data_folder = spec.preprocessed_data_folder
+    if not data_folder.is_dir() or not any(data_folder.glob("*.pkl")):
+        raise RunSpecError(
+            f"{dataset_name} is not preprocessed for {configuration} ({data_folder} is missing or empty); run "
+            f"`nnUNetv2_preprocess -d {spec.dataset_id} -plans_name {spec.plans_identifier} -c {configuration}`."
+        )
+    if results_root is None and os.environ.get("nnUNet_results"):
+        results_root = Path(os.environ["nnUNet_results"])
+    if results_root is None:
+        raise RunSpecError(
+            "nnUNet_results is not set; it is where checkpoints are written. Export it "
+            "(e.g. `export nnUNet_results=/data/nnUNet/results`)."
+        )
+    spec.output_folder = (
+        results_root / dataset_name / f"{trainer_name}__{spec.plans_identifier}__{configuration}" / f"fold_{spec.fold}"
+    )
+    return spec
