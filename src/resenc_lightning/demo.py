@@ -123,13 +123,12 @@ def write_raw_dataset(raw_root: Path, dataset_name: str, n_cases: int, shape_ran
 
 def plan_and_preprocess(dataset_id: int, plans: str, num_processes: int = 2) -> None:
     """nnunetv2's own fingerprint extraction, ResEnc planning and 3d_fullres preprocessing."""
+    import nnunetv2
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprint_dataset,
         plan_experiment_dataset,
     )
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
-
-    import nnunetv2
 
     planner_cls = recursive_find_python_class(
         os.path.join(nnunetv2.__path__[0], "experiment_planning"), PLANNERS[plans],
@@ -142,9 +141,23 @@ def plan_and_preprocess(dataset_id: int, plans: str, num_processes: int = 2) -> 
 
         extract_fingerprint_dataset(dataset_id, DatasetFingerprintExtractor, num_processes=num_processes,
                                     check_dataset_integrity=False, clean=True, verbose=False)
-        _, plans_id = plan_experiment_dataset(dataset_id, planner_cls)
+        with _planner_safe_n_proc_da():
+            _, plans_id = plan_experiment_dataset(dataset_id, planner_cls)
         assert plans_id == plans, (plans_id, plans)
         preprocess_configuration(dataset_id, plans, "3d_fullres", num_processes)
+
+
+@contextlib.contextmanager
+def _planner_safe_n_proc_da():
+    """nnunetv2's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (in-process DA)."""
+    old = os.environ.get("nnUNet_n_proc_DA")
+    if old is not None and old.strip() == "0":
+        os.environ["nnUNet_n_proc_DA"] = "1"
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ["nnUNet_n_proc_DA"] = old
 
 
 def preprocess_configuration(dataset_id: int, plans: str, configuration: str, num_processes: int) -> None:

@@ -105,7 +105,9 @@ def load_plans(plans_file: Path) -> dict:
     try:
         plans = json.loads(plans_file.read_text())
     except json.JSONDecodeError as e:
-        raise RunSpecError(f"plans file {plans_file} is not valid JSON ({e}); regenerate it with nnUNetv2_plan_experiment.")
+        raise RunSpecError(
+            f"plans file {plans_file} is not valid JSON ({e}); regenerate it with nnUNetv2_plan_experiment."
+        ) from None
     for key in ("dataset_name", "plans_name", "configurations"):
         if key not in plans:
             raise RunSpecError(

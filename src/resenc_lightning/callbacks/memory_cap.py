@@ -1,0 +1,159 @@
+"""Cap this process's CUDA memory to the VRAM target the plans were made for.
+
+ResEnc M/L/XL plans are sized for 8/24/40 GB. On a bigger card the run would otherwise grow into
+whatever is free; on a card of exactly that size it needs headroom (the usual advice: plan a 24 GB
+card for 20-22 GB). Two modes:
+
+* ``fraction``: ``torch.cuda.set_per_process_memory_fraction(cap / total)``. Bounds what the caching
+  allocator may hold. cuDNN's candidate filter still sees the card's free memory, so this alone
+  does not make cuDNN's algorithm choice reproducible (see DESIGN.md).
+* ``emulate``: allocate a ballast block of ``total - cap`` so the device *looks* like a card of
+  ``cap`` GB to everything, cuDNN's free-memory query included: what a run on the target card
+  would see.
+
+Runs in ``setup`` (before Lightning moves the model to the GPU), i.e. before any CUDA tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+GB = 1024**3
+#: VRAM targets of nnunetv2's ResEnc planners (their `gpu_memory_target_in_gb` defaults).
+PLANNER_TARGETS_GB = {"nnUNetPlannerResEncM": 8.0, "nnUNetPlannerResEncL": 24.0, "nnUNetPlannerResEncXL": 40.0}
+_NAME_TARGET = re.compile(r"_(\d+(?:\.\d+)?)\s*G(?:B)?(?:_|$)", re.IGNORECASE)
+
+
+@dataclass
+class CapDecision:
+    total_gb: float
+    target_gb: float
+    cap_gb: float
+    fraction: float
+    fits: bool
+    max_fit_gb: float
+    target_source: str
+
+
+def plans_target_gb(plans: dict) -> tuple[float | None, str]:
+    """The VRAM target the plans were made for: explicit key, `_<N>GB` in the plans name, else planner default."""
+    if "gpu_memory_target_in_gb" in plans:
+        return float(plans["gpu_memory_target_in_gb"]), "plans key gpu_memory_target_in_gb"
+    match = _NAME_TARGET.search(plans.get("plans_name", ""))
+    if match:
+        return float(match.group(1)), f"plans name {plans['plans_name']}"
+    planner = plans.get("experiment_planner_used", "")
+    if planner in PLANNER_TARGETS_GB:
+        return PLANNER_TARGETS_GB[planner], f"{planner} default"
+    return None, f"planner {planner or 'unknown'} has no known target"
+
+
+def decide_cap(total_bytes: int, target_gb: float, target_source: str = "explicit",
+               headroom_fraction: float = 0.1, min_headroom_gb: float = 2.0) -> CapDecision:
+    """cap = min(target, total - headroom), headroom = max(headroom_fraction * total, min_headroom_gb)."""
+    total_gb = total_bytes / GB
+    headroom = max(total_gb * headroom_fraction, min_headroom_gb)
+    max_fit = max(total_gb - headroom, 0.0)
+    cap = min(target_gb, max_fit)
+    return CapDecision(total_gb, target_gb, cap, cap / total_gb if total_gb else 0.0, target_gb <= max_fit,
+                       max_fit, target_source)
+
+
+def planner_command(plans: dict, dataset_id: int | str, target_gb: float) -> str:
+    """The nnunetv2 command that re-plans for a target that fits this card."""
+    planner = plans.get("experiment_planner_used", "nnUNetPlannerResEncL")
+    if planner not in PLANNER_TARGETS_GB:
+        planner = "nnUNetPlannerResEncL"
+    n = int(math.floor(target_gb))
+    base = re.sub(r"Plans$", "", plans.get("plans_name", "nnUNetResEncUNetLPlans"))
+    base = _NAME_TARGET.sub("_", base).rstrip("_")
+    return (f"nnUNetv2_plan_experiment -d {dataset_id} -pl {planner} -gpu_memory_target {n} "
+            f"-overwrite_plans_name {base}_{n}GB_Plans")
+
+
+class CudaMemoryCap(pl.Callback):
+    """Cap CUDA memory to the plans' VRAM target (or an explicit one), never above total - headroom.
+
+    Args:
+        enabled: switch the cap off entirely.
+        target_gb: explicit target in GB; None derives it from the plans (ResEnc M/L/XL: 8/24/40 GB,
+            or `_<N>GB` in the plans name as `-overwrite_plans_name` conventionally carries it).
+        headroom_fraction: part of the card always left free (default 10%).
+        min_headroom_gb: at least this much left free (default 2 GB).
+        mode: "fraction" (allocator cap) or "emulate" (ballast: the device looks like a target-sized card).
+        expandable_segments: set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (before CUDA init only).
+    """
+
+    def __init__(self, enabled: bool = True, target_gb: float | None = None, headroom_fraction: float = 0.1,
+                 min_headroom_gb: float = 2.0, mode: Literal["fraction", "emulate"] = "fraction",
+                 expandable_segments: bool = False) -> None:
+        if mode not in ("fraction", "emulate"):
+            raise ValueError(f"memory cap mode {mode!r} is not one of 'fraction', 'emulate'.")
+        self.enabled = enabled
+        self.target_gb = target_gb
+        self.headroom_fraction = headroom_fraction
+        self.min_headroom_gb = min_headroom_gb
+        self.mode = mode
+        self.expandable_segments = expandable_segments
+        self.decision: CapDecision | None = None
+        self.warning: str | None = None
+        self._ballast: torch.Tensor | None = None
+        self._cuda: Any = torch.cuda  # replaced by a fake in tests
+        if expandable_segments and enabled:
+            conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+            if "expandable_segments" not in conf:
+                os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(filter(None, [conf, "expandable_segments:True"]))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.enabled or self.decision is not None:
+            return
+        device = trainer.strategy.root_device
+        if device.type != "cuda":
+            rank_zero_info(f"CudaMemoryCap: device is {device.type}, no CUDA memory to cap.")
+            return
+        spec = getattr(pl_module, "spec", None)
+        plans = spec.plans if spec is not None else {}
+        target, source = (self.target_gb, "explicit target_gb") if self.target_gb is not None else plans_target_gb(plans)
+        if target is None:
+            rank_zero_warn(f"CudaMemoryCap: {source}; pass --memory_cap.target_gb N to cap memory. No cap set.")
+            return
+        self.apply(device, target, source, plans, spec.dataset_id if spec is not None else "ID")
+
+    def apply(self, device: torch.device, target_gb: float, source: str, plans: dict,
+              dataset_id: int | str) -> CapDecision:
+        index = device.index if device.index is not None else self._cuda.current_device()
+        total = self._cuda.get_device_properties(index).total_memory
+        d = decide_cap(total, target_gb, source, self.headroom_fraction, self.min_headroom_gb)
+        self.decision = d
+        if not d.fits:
+            self.warning = (
+                f"The plans' VRAM target ({d.target_gb:g} GB, {source}) does not fit this {d.total_gb:.1f} GB card "
+                f"with headroom; capping at {d.cap_gb:.1f} GB. Expect slower cuDNN algorithms or OOM; re-plan "
+                f"with: {planner_command(plans, dataset_id, d.max_fit_gb)}"
+            )
+            rank_zero_warn(self.warning)
+        if self.mode == "fraction":
+            self._cuda.set_per_process_memory_fraction(d.fraction, index)
+            rank_zero_info(f"CudaMemoryCap: capped CUDA memory at {d.cap_gb:.1f} of {d.total_gb:.1f} GB "
+                           f"(fraction {d.fraction:.3f}, target {d.target_gb:g} GB from {source}).")
+        else:
+            free, _ = self._cuda.mem_get_info(index)
+            ballast = int(max(free - d.cap_gb * GB, 0))
+            self._ballast = torch.empty(ballast, dtype=torch.uint8, device=torch.device("cuda", index))
+            rank_zero_info(f"CudaMemoryCap: emulating a {d.cap_gb:.1f} GB card (ballast {ballast / GB:.1f} GB "
+                           f"on a {d.total_gb:.1f} GB device).")
+        return d
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._ballast = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decision": vars(self.decision) if self.decision else None}

@@ -1,0 +1,84 @@
+"""End-to-end training behaviour on the tiny real nnU-Net dataset."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_args
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+from resenc_lightning.cli import build_cli
+
+
+def fit(args: list[str]):
+    cli = build_cli(args)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resolve_ckpt_path())
+    return cli
+
+
+def test_loss_falls_when_overfitting(tiny_dataset, results_dir):
+    cli = fit(tiny_args(results_dir, "--fold", "all", "--model.initial_lr", "0.01", epochs=6, iters=5, val_iters=1))
+    losses = cli.model.nnunet_log["train_losses"]
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] - 0.1, losses
+    out = cli.output_folder
+    assert out.name == "fold_all"
+    assert out.parent.name == "nnUNetTrainer_Lightning__nnUNetResEncUNetLPlans_tiny__3d_fullres"
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_deep_supervision_outputs_match_targets(tiny_dataset, results_dir):
+    cli = build_cli(tiny_args(results_dir))
+    dm, model = cli.datamodule, cli.model
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    dm.teardown("fit")
+    outputs = model(batch["data"])
+    assert isinstance(outputs, (list, tuple)) and isinstance(batch["target"], (list, tuple))
+    assert len(outputs) == len(batch["target"]) == len(model.spec.configuration_manager.pool_op_kernel_sizes) - 1
+    for out, tgt in zip(outputs, batch["target"]):
+        assert out.shape[0] == tgt.shape[0] == 2
+        assert out.shape[2:] == tgt.shape[2:]
+        assert out.shape[1] == 3  # background + 2 labels
+    assert tuple(batch["data"].shape[2:]) == (16, 16, 16)
+
+
+def test_lr_per_epoch_equals_nnunet_polylr(tiny_dataset, results_dir):
+    cli = fit(tiny_args(results_dir, "--model.num_epochs", "10", epochs=4, iters=1, val_iters=1))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    ref = PolyLRScheduler(opt, 0.01, 10)
+    expected = []
+    for epoch in range(4):
+        ref.step(epoch)
+        expected.append(opt.param_groups[0]["lr"])
+    assert cli.model.nnunet_log["lrs"] == expected
+
+
+def _state(ckpt_path):
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    return ckpt
+
+
+def test_resume_ends_with_same_weights_as_uninterrupted_run(tiny_dataset, tmp_path):
+    common = ("--trainer.deterministic", "true", "--model.num_epochs", "3")
+    full = fit(tiny_args(tmp_path / "a", *common, epochs=3, iters=3, val_iters=1))
+    # "interrupted" after epoch 0: same schedule length, the process ends after one epoch
+    fit(tiny_args(tmp_path / "b", *common, epochs=1, iters=3, val_iters=1))
+    resumed = fit(tiny_args(tmp_path / "b", *common, "--resume", "true", epochs=3, iters=3, val_iters=1))
+    a = _state(full.checkpoint_dir / "last.ckpt")
+    b = _state(resumed.checkpoint_dir / "last.ckpt")
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    mom_a = [s["momentum_buffer"] for s in a["optimizer_states"][0]["state"].values()]
+    mom_b = [s["momentum_buffer"] for s in b["optimizer_states"][0]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
+    assert a["nnunet"]["ema_fg_dice"] == b["nnunet"]["ema_fg_dice"]
+    assert a["nnunet"]["logging"]["train_losses"] == b["nnunet"]["logging"]["train_losses"]
+    assert b["nnunet"]["logging"]["lrs"] == full.model.nnunet_log["lrs"]
+
+
+def test_2d_configuration_trains(tiny_dataset, results_dir):
+    cli = fit(tiny_args(results_dir, "--configuration", "2d", epochs=1, iters=2, val_iters=1))
+    assert cli.model.network.decoder.seg_layers[0].__class__.__name__ == "Conv2d"
+    assert len(cli.model.nnunet_log["train_losses"]) == 1
