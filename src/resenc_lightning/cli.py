@@ -19,7 +19,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger
 
 from resenc_lightning import demo
-from resenc_lightning.callbacks.epoch_report import EpochReport
+from resenc_lightning.callbacks.cudnn_pinning import CudnnPinning
+from resenc_lightning.callbacks.epoch_timing import EpochTiming
+from resenc_lightning.callbacks.gpu_monitor import GpuMonitor
+from resenc_lightning.callbacks.memory_cap import CudaMemoryCap
 from resenc_lightning.callbacks.rng_state import RNGStateCheckpoint
 from resenc_lightning.data import NnUNetDataModule
 from resenc_lightning.module import ResEncUNetModule
@@ -62,6 +65,17 @@ class ResEncLightningCLI(LightningCLI):
                             help="Continue from the fold's last checkpoint (nnU-Net's --c).")
         parser.add_argument("--save_every", type=int, default=50,
                             help="Keep a snapshot checkpoint every N epochs (nnU-Net's save_every).")
+        parser.add_argument("--memcheck", type=bool, default=False,
+                            help="Run one real training step at the plans' batch and patch on the GPU and report "
+                                 "peak memory against the card and the plans' VRAM target; no training.")
+        parser.add_argument("--require_exclusive_gpu", type=bool, default=False,
+                            help="Refuse to train when other processes use the GPU (see --gpu_monitor.*).")
+        # The stable-epoch callbacks: on by default, each switchable off (--<name>.enabled false).
+        parser.add_lightning_class_args(CudaMemoryCap, "memory_cap")
+        parser.add_lightning_class_args(CudnnPinning, "cudnn_pinning")
+        parser.add_lightning_class_args(EpochTiming, "epoch_timing")
+        parser.add_lightning_class_args(GpuMonitor, "gpu_monitor")
+        parser.link_arguments("require_exclusive_gpu", "gpu_monitor.require_exclusive_gpu")
         for name in ("plans", "dataset", "configuration", "fold"):
             parser.link_arguments(name, f"data.{name}")
         parser.link_arguments("data.spec", "model.spec", apply_on="instantiate")
@@ -118,11 +132,11 @@ class ResEncLightningCLI(LightningCLI):
         save_every = int(self.config.get("save_every") or 50)
         return [
             ModelCheckpoint(dirpath=self.checkpoint_dir, filename="best", monitor="ema_fg_dice", mode="max",
-                            save_last=True, save_top_k=1, enable_version_counter=False),
+                            save_last=True, save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True),
             ModelCheckpoint(dirpath=self.checkpoint_dir, filename="epoch_{epoch:04d}", auto_insert_metric_name=False,
-                            every_n_epochs=save_every, save_top_k=-1, monitor=None, enable_version_counter=False),
+                            every_n_epochs=save_every, save_top_k=-1, monitor=None, enable_version_counter=False,
+                            save_on_train_epoch_end=True),
             RNGStateCheckpoint(),
-            EpochReport(),
         ]
 
     def resolve_ckpt_path(self) -> str | None:
@@ -160,8 +174,17 @@ def build_cli(args: list[str] | None = None) -> ResEncLightningCLI:
     )
 
 
-def main(args: list[str] | None = None) -> Path:
+def main(args: list[str] | None = None) -> Path | None:
     cli = build_cli(args)
+    if cli.config.get("memcheck"):
+        from resenc_lightning.memcheck import MemcheckError, run_memcheck
+
+        try:
+            result = run_memcheck(cli.model, cli.datamodule, precision=str(cli.trainer.precision))
+        except MemcheckError as e:
+            raise UsageError(str(e)) from None
+        print(result.report(), flush=True)
+        return None
     ckpt_path = cli.resolve_ckpt_path()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     out = cli.output_folder

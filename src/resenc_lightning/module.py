@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
@@ -40,6 +41,7 @@ class ResEncUNetModule(pl.LightningModule):
         compile: torch.compile the network; None follows nnU-Net (on for CUDA unless nnUNet_compile=f).
         channels_last: channels-last (NDHWC) memory format for network and inputs.
         ema_momentum: weight of the previous EMA pseudo-Dice (nnU-Net: 0.9).
+        print_epoch_summary: print nnU-Net's per-epoch line (train/val loss, pseudo-Dice, EMA, LR, epoch time).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class ResEncUNetModule(pl.LightningModule):
         compile: bool | None = None,
         channels_last: bool = False,
         ema_momentum: float = 0.9,
+        print_epoch_summary: bool = True,
     ) -> None:
         super().__init__()
         if spec is None:
@@ -72,6 +75,8 @@ class ResEncUNetModule(pl.LightningModule):
         self._train_losses: list[torch.Tensor] = []
         self._val: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]] = []
         self._forward_impl = None
+        self._epoch_metrics: dict[str, float] | None = None
+        self._epoch_start = time.time()
 
     # -- properties the callbacks and the CLI use ---------------------------------------------------------
     @property
@@ -172,11 +177,10 @@ class ResEncUNetModule(pl.LightningModule):
         m = self.hparams.ema_momentum
         self.ema_fg_dice = mean_fg_dice if self.ema_fg_dice is None else m * self.ema_fg_dice + (1 - m) * mean_fg_dice
         lr = float(self.optimizers().param_groups[0]["lr"])
-        names = self.class_names()
         metrics = {"train_loss": train_loss, "val_loss": float(val_loss), "mean_fg_dice": mean_fg_dice,
                    "ema_fg_dice": float(self.ema_fg_dice), "lr": lr}
-        metrics.update({f"dice/{name}": float(d) for name, d in zip(names, dice)})
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=False, sync_dist=False, rank_zero_only=True)
+        metrics.update({f"dice/{name}": float(d) for name, d in zip(self.class_names(), dice)})
+        self._epoch_metrics = metrics
         if self.best_ema is None or self.ema_fg_dice > self.best_ema:
             self.best_ema = float(self.ema_fg_dice)
         log = self.nnunet_log
@@ -185,7 +189,21 @@ class ResEncUNetModule(pl.LightningModule):
         log["dice_per_class_or_region"].append([float(d) for d in dice])
         log["train_losses"].append(train_loss)
         log["val_losses"].append(float(val_loss))
-        log["epoch_end_timestamps"].append(time.time())
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's figures once (one logger row per epoch, with the callbacks' timing/GPU figures)."""
+        metrics = self._epoch_metrics or {}
+        self._epoch_metrics = None
+        self.nnunet_log["epoch_end_timestamps"].append(time.time())
+        if metrics:
+            self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
+        if self.hparams.print_epoch_summary and metrics:
+            dice = ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items() if k.startswith("dice/"))
+            rank_zero_info(
+                f"Epoch {self.current_epoch}/{self.trainer.max_epochs - 1}  train_loss {metrics['train_loss']:.4f}  "
+                f"val_loss {metrics['val_loss']:.4f}  pseudo_dice [{dice}]  ema_pseudo_dice {metrics['ema_fg_dice']:.4f}  "
+                f"lr {metrics['lr']:.6f}  epoch_time {time.time() - self._epoch_start:.1f}s"
+            )
 
     def class_names(self) -> list[str]:
         """Foreground label (or region) names in the order of the pseudo-Dice vector."""

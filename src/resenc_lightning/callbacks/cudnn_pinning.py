@@ -1,0 +1,238 @@
+"""Pin cuDNN's convolution algorithms: benchmark once, at the exact shapes, in a clean memory state.
+
+With ``cudnn.benchmark`` PyTorch picks each convolution's algorithm the first time a shape is seen,
+among the candidates whose workspace fits the memory free *at that moment*, and caches the pick for
+the life of the process. nnU-Net enables benchmark after loading the checkpoint onto the GPU, so a
+resumed run benchmarks with less free memory than a fresh one, can lose the fast big-workspace
+algorithms and stays ~25% slower for the rest of the run.
+
+This callback, in ``on_train_start`` (after Lightning restored the checkpoint, which it loads on
+the CPU, and emptied the cache):
+
+1. releases leftover memory (``gc`` + ``empty_cache``);
+2. makes the memory picture of a fresh run equal to a resumed one: SGD's momentum buffers only
+   exist after the first step, so a fresh run gets temporary zero buffers of the same size
+   (freed afterwards; the optimizer state itself is not touched);
+3. with ``cudnn.benchmark=True`` runs forward+backward at the exact training batch shape and a
+   forward at the validation shape, through the module (so precision, memory format and compile
+   are the run's), in the training thread, with a private RNG, restoring gradients, buffers and
+   all RNG streams afterwards: weights, optimizer state, norm statistics and RNG are unchanged;
+4. sets ``cudnn.benchmark=False``: the picks are frozen (cached plans keep being used; a new shape
+   would get the heuristic pick rather than a benchmark under other memory conditions).
+
+The warm-up step time, peak memory and shapes go into the callback state (the checkpoint). A
+resumed run repeats the warm-up and compares with the fresh run's reference; slower beyond
+``tolerance`` it releases caches and re-measures (``max_retries``), then warns with both numbers.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from resenc_lightning.callbacks.rng_state import collect_rng_states, set_rng_states
+
+
+class CudnnPinning(pl.Callback):
+    """Benchmark cuDNN once at the training/validation shapes in a clean memory state, then freeze.
+
+    Args:
+        enabled: switch the warm-up and pinning off (cuDNN then behaves as configured by the Trainer).
+        warmup_steps: forward+backward passes at the training shape (the first one benchmarks).
+        tolerance: a resumed warm-up slower than the fresh reference by more than this fraction is retried.
+        max_retries: how often to release caches and re-measure before warning.
+        equalize_optimizer_state: give a fresh run temporary zero momentum buffers during the warm-up, so
+            it benchmarks under the same free memory as a resumed run (whose buffers are resident).
+        run_on_cpu: also run the warm-up on CPU (no cuDNN there; used by the tests).
+    """
+
+    def __init__(self, enabled: bool = True, warmup_steps: int = 3, tolerance: float = 0.05, max_retries: int = 2,
+                 equalize_optimizer_state: bool = True, run_on_cpu: bool = False) -> None:
+        self.enabled = enabled
+        self.warmup_steps = max(1, warmup_steps)
+        self.tolerance = tolerance
+        self.max_retries = max_retries
+        self.equalize_optimizer_state = equalize_optimizer_state
+        self.run_on_cpu = run_on_cpu
+        self.reference: dict[str, Any] | None = None
+        self.history: list[dict[str, Any]] = []
+        self.warning: str | None = None
+        self._benchmark_before: bool | None = None
+        self._restored = False
+
+    # -- Lightning hooks -----------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled:
+            return
+        device = pl_module.device
+        if device.type != "cuda" and not self.run_on_cpu:
+            rank_zero_info(f"CudnnPinning: device is {device.type}, no cuDNN algorithms to pin.")
+            return
+        self._benchmark_before = torch.backends.cudnn.benchmark
+        record = self.warm_up(trainer, pl_module)
+        resumed = self._restored and self.reference is not None
+        record["resumed"] = resumed
+        record["epoch"] = trainer.current_epoch
+        if resumed and self._comparable(record):
+            record = self._compare_and_retry(trainer, pl_module, record)
+        elif self.reference is None or not self._comparable(record):
+            self.reference = dict(record)
+        self.history.append(record)
+        rank_zero_info(
+            f"CudnnPinning: warm-up at train {record['train_shape']} / val {record['val_shape']}: "
+            f"{record['train_step_s'] * 1000:.1f} ms/step, peak reserved {record['peak_reserved'] / 2**30:.2f} GiB"
+            + (f" (fresh reference {self.reference['train_step_s'] * 1000:.1f} ms)" if resumed else "")
+            + "; cuDNN algorithms pinned (benchmark off)."
+        )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._benchmark_before is not None:
+            torch.backends.cudnn.benchmark = self._benchmark_before
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reference = state_dict.get("reference")
+        self.history = list(state_dict.get("history", []))
+        self._restored = True
+
+    # -- the warm-up -----------------------------------------------------------------------------------------
+    def shapes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(train, val) input shapes: this rank's batch, the plans' channels and patch (nnU-Net uses both)."""
+        batch = int(trainer.datamodule.batch_size)
+        shape = (batch, int(pl_module.num_input_channels), *pl_module.patch_size)
+        return shape, shape
+
+    def warm_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        device = pl_module.device
+        train_shape, val_shape = self.shapes(trainer, pl_module)
+        on_cuda = device.type == "cuda"
+        rng = collect_rng_states()
+        buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
+        grads = {p: p.grad for p in pl_module.parameters()}
+        was_training = pl_module.training
+        gc.collect()
+        if on_cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        free_before = torch.cuda.mem_get_info(device)[0] if on_cuda else 0
+        ghost = self._ghost_momentum(trainer) if self.equalize_optimizer_state else []
+        generator = torch.Generator(device=device).manual_seed(0)
+        torch.backends.cudnn.benchmark = True
+        step_times: list[float] = []
+        try:
+            pl_module.train()
+            for _ in range(self.warmup_steps):
+                x = torch.randn(train_shape, generator=generator, device=device)
+                start = _now(device)
+                with trainer.precision_plugin.train_step_context():
+                    output = pl_module(x)
+                    loss = self._loss(pl_module, output, generator)
+                loss.backward()
+                step_times.append(_now(device) - start)
+                for p in pl_module.parameters():
+                    p.grad = None
+                del output, loss
+            pl_module.eval()
+            x = torch.randn(val_shape, generator=generator, device=device)
+            start = _now(device)
+            with torch.no_grad(), trainer.precision_plugin.val_step_context():
+                pl_module(x)
+            val_time = _now(device) - start
+        finally:
+            torch.backends.cudnn.benchmark = False  # freeze: nothing re-benchmarks under other memory later
+            del ghost
+            for p, g in grads.items():
+                p.grad = g
+            with torch.no_grad():
+                for name, b in pl_module.named_buffers():
+                    if name in buffers:
+                        b.copy_(buffers[name])
+            pl_module.train(was_training)
+            set_rng_states(rng)
+        timed = step_times[1:] or step_times
+        return {
+            "train_shape": list(train_shape), "val_shape": list(val_shape),
+            "train_step_s": statistics.median(timed), "first_step_s": step_times[0], "val_step_s": val_time,
+            "peak_allocated": torch.cuda.max_memory_allocated(device) if on_cuda else 0,
+            "peak_reserved": torch.cuda.max_memory_reserved(device) if on_cuda else 0,
+            "free_before": int(free_before), "device": _device_name(device),
+            "precision": str(trainer.precision_plugin.__class__.__name__), "retries": 0,
+        }
+
+    @staticmethod
+    def _loss(pl_module: pl.LightningModule, output: Any, generator: torch.Generator) -> torch.Tensor:
+        """The module's own loss on random labels shaped like the outputs (same kernels as training)."""
+        outputs = output if isinstance(output, (list, tuple)) else [output]
+        lm = getattr(pl_module, "label_manager", None)
+        loss_fn = getattr(pl_module, "loss", None)
+        if lm is None or loss_fn is None or lm.has_regions or lm.has_ignore_label:
+            return sum(o.float().mean() for o in outputs)
+        n = outputs[0].shape[1]
+        targets = [torch.randint(0, n, (o.shape[0], 1, *o.shape[2:]), generator=generator, device=o.device)
+                   for o in outputs]
+        return loss_fn(output, targets if isinstance(output, (list, tuple)) else targets[0])
+
+    @staticmethod
+    def _ghost_momentum(trainer: pl.Trainer) -> list[torch.Tensor]:
+        """Zero tensors standing in for momentum buffers SGD has not created yet (fresh run)."""
+        ghost = []
+        for optimizer in trainer.optimizers:
+            if not isinstance(optimizer, torch.optim.SGD):
+                continue
+            for group in optimizer.param_groups:
+                if not group.get("momentum"):
+                    continue
+                for p in group["params"]:
+                    if optimizer.state.get(p, {}).get("momentum_buffer") is None:
+                        ghost.append(torch.zeros_like(p, memory_format=torch.preserve_format))
+        return ghost
+
+    # -- resume comparison -----------------------------------------------------------------------------------
+    def _comparable(self, record: dict[str, Any]) -> bool:
+        ref = self.reference
+        return bool(ref) and all(ref.get(k) == record.get(k) for k in ("train_shape", "val_shape", "device", "precision"))
+
+    def _compare_and_retry(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           record: dict[str, Any]) -> dict[str, Any]:
+        ref = self.reference
+        assert ref is not None
+        limit = ref["train_step_s"] * (1 + self.tolerance)
+        retries = 0
+        while record["train_step_s"] > limit and retries < self.max_retries:
+            retries += 1
+            gc.collect()
+            if pl_module.device.type == "cuda":
+                torch.cuda.empty_cache()
+            record = {**self.warm_up(trainer, pl_module), "resumed": True, "epoch": trainer.current_epoch}
+        record["retries"] = retries
+        if record["train_step_s"] > limit:
+            self.warning = (
+                f"CudnnPinning: resumed warm-up step {record['train_step_s'] * 1000:.1f} ms is "
+                f"{record['train_step_s'] / ref['train_step_s'] - 1:+.0%} vs the fresh run's {ref['train_step_s'] * 1000:.1f} ms "
+                f"(peak reserved {record['peak_reserved'] / 2**30:.2f} vs {ref['peak_reserved'] / 2**30:.2f} GiB, free at "
+                f"warm-up {record['free_before'] / 2**30:.2f} vs {ref['free_before'] / 2**30:.2f} GiB) after {retries} "
+                f"retries; other processes on the GPU or a lower memory cap are the usual causes."
+            )
+            rank_zero_warn(self.warning)
+        return record
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type

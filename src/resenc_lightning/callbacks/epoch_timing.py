@@ -1,0 +1,154 @@
+"""Epoch wall time, median step time and data-wait fraction; drift vs the fresh run's reference.
+
+The reference (the fresh run's first full epochs) is kept in the checkpoint, so a resumed run is
+compared with the run it continues. On drift beyond ``tolerance`` one warning names the most
+likely cause from the evidence at hand: other processes on the GPU, data loading (more waiting
+for batches), or less memory reserved than the reference (cuDNN picked smaller-workspace, slower
+algorithms).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from resenc_lightning import gpu_info
+
+
+class EpochTiming(pl.Callback):
+    """Per-epoch `time/epoch_s`, `time/step_median_s`, `time/data_wait_frac` to every logger; drift warning.
+
+    Args:
+        enabled: switch timing off.
+        tolerance: relative increase of the median step time over the reference that triggers the warning.
+        reference_skip_epochs: epochs of a fresh run not used as reference (epoch 0 includes start-up work).
+        cuda_sync: synchronise CUDA at each step end so step times are real GPU times, not launch times.
+    """
+
+    def __init__(self, enabled: bool = True, tolerance: float = 0.10, reference_skip_epochs: int = 1,
+                 cuda_sync: bool = True) -> None:
+        self.enabled = enabled
+        self.tolerance = tolerance
+        self.reference_skip_epochs = reference_skip_epochs
+        self.cuda_sync = cuda_sync
+        self.reference: dict[str, float] | None = None
+        self.epochs: list[dict[str, float]] = []
+        self.warning: str | None = None
+        self._warned = False
+        self._fresh_start_epoch: int | None = None
+        self._restored = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._epoch_start = 0.0
+        self._last_end: float | None = None
+        self._step_start = 0.0
+        self._steps: list[float] = []
+        self._wait = 0.0
+
+    def _now(self, pl_module: pl.LightningModule) -> float:
+        if self.cuda_sync and pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fresh_start_epoch is None:
+            self._fresh_start_epoch = trainer.current_epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset()
+        self._epoch_start = self._last_end = self._now(pl_module)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_end is not None:
+            self._wait += now - self._last_end  # blocked on the next batch (plus negligible loop overhead)
+        self._step_start = now
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        now = self._now(pl_module)
+        self._steps.append(now - self._step_start)
+        self._last_end = now
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or not self._steps:
+            return
+        epoch_s = self._now(pl_module) - self._epoch_start
+        train_s = sum(self._steps) + self._wait
+        record = {
+            "epoch": float(trainer.current_epoch), "epoch_s": epoch_s, "step_median_s": statistics.median(self._steps),
+            "data_wait_frac": self._wait / train_s if train_s > 0 else 0.0,
+            "reserved_gb": torch.cuda.max_memory_reserved(pl_module.device) / 2**30
+            if pl_module.device.type == "cuda" else 0.0,
+        }
+        self.epochs.append(record)
+        pl_module.log_dict({"time/epoch_s": epoch_s, "time/step_median_s": record["step_median_s"],
+                            "time/data_wait_frac": record["data_wait_frac"]}, on_step=False, on_epoch=True)
+        self._update_reference(trainer, record)
+        if self._restored and self.reference is not None and not self._warned:
+            self._check_drift(trainer, pl_module, record)
+
+    def _update_reference(self, trainer: pl.Trainer, record: dict[str, float]) -> None:
+        """The first epoch after `reference_skip_epochs` of a fresh (never resumed) run is the reference."""
+        if self.reference is not None or self._restored:
+            return
+        if trainer.current_epoch - (self._fresh_start_epoch or 0) >= self.reference_skip_epochs:
+            self.reference = dict(record)
+
+    def _check_drift(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict[str, float]) -> None:
+        ref = self.reference
+        assert ref is not None
+        ratio = record["step_median_s"] / ref["step_median_s"] if ref["step_median_s"] > 0 else 1.0
+        if ratio <= 1 + self.tolerance:
+            return
+        self._warned = True
+        cause = self.likely_cause(record, ref, pl_module)
+        self.warning = (
+            f"EpochTiming: resumed epoch {int(record['epoch'])} median step {record['step_median_s'] * 1000:.0f} ms is "
+            f"{ratio - 1:+.0%} vs the fresh run's {ref['step_median_s'] * 1000:.0f} ms (epoch {int(ref['epoch'])}). "
+            f"Likely cause: {cause}"
+        )
+        rank_zero_warn(self.warning)
+
+    def likely_cause(self, record: dict[str, float], ref: dict[str, float], pl_module: pl.LightningModule) -> str:
+        others = self._other_gpu_processes(pl_module)
+        if others:
+            return (f"{len(others)} other process(es) on this GPU (pids {', '.join(str(p) for p, _ in others)}); "
+                    f"stop them or use another GPU.")
+        if record["data_wait_frac"] > ref["data_wait_frac"] + 0.05:
+            return (f"waiting for data ({record['data_wait_frac']:.0%} of the epoch vs {ref['data_wait_frac']:.0%}); "
+                    f"raise nnUNet_n_proc_DA (now {os.environ.get('nnUNet_n_proc_DA', 'default')}) or check the disk.")
+        if ref["reserved_gb"] > 0 and record["reserved_gb"] < 0.95 * ref["reserved_gb"]:
+            return (f"less GPU memory reserved ({record['reserved_gb']:.1f} vs {ref['reserved_gb']:.1f} GiB): cuDNN "
+                    f"likely picked smaller-workspace algorithms; keep CudnnPinning on (re-warm-up at resume) or lower "
+                    f"the memory target.")
+        return "no evidence of GPU sharing, data wait or memory change; check clocks/thermals (GpuMonitor logs them)."
+
+    @staticmethod
+    def _other_gpu_processes(pl_module: pl.LightningModule) -> list[tuple[int, int]]:
+        if pl_module.device.type != "cuda":
+            return []
+        nv = gpu_info.load_nvml()
+        if nv is None:
+            return []
+        try:
+            return gpu_info.snapshot(nv, gpu_info.handle_for(nv, pl_module.device.index or 0)).other_processes
+        except Exception:
+            return []
+
+    # -- checkpoint state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference, "epochs": self.epochs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reference = state_dict.get("reference")
+        self.epochs = list(state_dict.get("epochs", []))
+        self._restored = True

@@ -1,0 +1,114 @@
+"""`--memcheck`: does this plans' batch and patch fit this GPU, and with how much to spare?
+
+Runs real training steps (forward, nnU-Net's loss, backward, clip, SGD step, with the run's
+precision and cudnn.benchmark as in training) at the plans' *global* batch and patch on the
+current GPU, and reports peak allocated/reserved memory against the card and the plans' VRAM
+target, with the planner command that fits when it does not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from resenc_lightning.callbacks.memory_cap import GB, decide_cap, planner_command, plans_target_gb
+
+
+class MemcheckError(RuntimeError):
+    pass
+
+
+@dataclass
+class MemcheckResult:
+    device: str
+    total_gb: float
+    target_gb: float | None
+    batch_shape: tuple[int, ...]
+    peak_allocated_gb: float
+    peak_reserved_gb: float
+    step_s: float
+    fits_card: bool
+    fits_target: bool
+    advice: str
+
+    def report(self) -> str:
+        target = f"{self.target_gb:g} GB" if self.target_gb is not None else "unknown"
+        lines = [
+            f"memcheck on {self.device} ({self.total_gb:.1f} GB), batch {self.batch_shape}:",
+            f"  peak allocated {self.peak_allocated_gb:.2f} GB, peak reserved {self.peak_reserved_gb:.2f} GB, "
+            f"step {self.step_s * 1000:.0f} ms",
+            f"  plans' VRAM target {target}: {'fits' if self.fits_target else 'EXCEEDED'}; "
+            f"card with headroom: {'fits' if self.fits_card else 'DOES NOT FIT'}",
+        ]
+        if self.advice:
+            lines.append(f"  {self.advice}")
+        return "\n".join(lines)
+
+
+def run_memcheck(model, datamodule, precision: str = "16-mixed", steps: int = 2,
+                 headroom_fraction: float = 0.1, min_headroom_gb: float = 2.0) -> MemcheckResult:
+    if not torch.cuda.is_available():
+        raise MemcheckError("--memcheck measures GPU memory and needs a CUDA GPU; none is visible here "
+                            "(check CUDA_VISIBLE_DEVICES / nvidia-smi).")
+    spec = datamodule.spec
+    device = torch.device("cuda", torch.cuda.current_device())
+    cm = spec.configuration_manager
+    shape = (int(cm.batch_size), int(model.num_input_channels), *cm.patch_size)
+    model = model.to(device)
+    model.configure_model()
+    optimizer = model.configure_optimizers()["optimizer"]
+    use_amp = precision.startswith(("16", "bf16"))
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16)
+    torch.backends.cudnn.benchmark = True
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    model.train()
+    times = []
+    try:
+        for _ in range(steps):
+            x = torch.randn(shape, generator=generator, device=device)
+            torch.cuda.synchronize(device)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=dtype, enabled=use_amp):
+                out = model(x)
+                outs = out if isinstance(out, (list, tuple)) else [out]
+                n = outs[0].shape[1]
+                tgt = [torch.randint(0, n, (o.shape[0], 1, *o.shape[2:]), generator=generator, device=device)
+                       for o in outs]
+                loss = model.loss(out, tgt if isinstance(out, (list, tuple)) else tgt[0])
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 12)
+            scaler.step(optimizer)
+            scaler.update()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1000)
+    except torch.OutOfMemoryError:
+        allocated = torch.cuda.max_memory_allocated(device) / GB
+        total = torch.cuda.get_device_properties(device).total_memory
+        cap = decide_cap(total, 0, headroom_fraction=headroom_fraction, min_headroom_gb=min_headroom_gb)
+        raise MemcheckError(
+            f"out of memory at batch {shape} after {allocated:.1f} GB allocated on a {total / GB:.1f} GB card; "
+            f"re-plan with: {planner_command(spec.plans, spec.dataset_id, cap.max_fit_gb)}"
+        ) from None
+    props = torch.cuda.get_device_properties(device)
+    peak_alloc = torch.cuda.max_memory_allocated(device) / GB
+    peak_res = torch.cuda.max_memory_reserved(device) / GB
+    target, _ = plans_target_gb(spec.plans)
+    cap = decide_cap(props.total_memory, target or 0, headroom_fraction=headroom_fraction,
+                     min_headroom_gb=min_headroom_gb)
+    fits_card = peak_res <= cap.max_fit_gb
+    fits_target = target is None or peak_res <= target
+    advice = ""
+    if not fits_card or (target is not None and target > cap.max_fit_gb):
+        advice = f"re-plan for this card with: {planner_command(spec.plans, spec.dataset_id, math.floor(cap.max_fit_gb))}"
+    return MemcheckResult(props.name, props.total_memory / GB, target, shape, peak_alloc, peak_res,
+                          min(times), fits_card, fits_target, advice)
