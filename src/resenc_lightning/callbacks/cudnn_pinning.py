@@ -217,7 +217,8 @@ class CudnnPinning(pl.Callback):
         if record["train_step_s"] > limit:
             self.warning = (
                 f"CudnnPinning: resumed warm-up step {record['train_step_s'] * 1000:.1f} ms is "
-                f"{record['train_step_s'] / ref['train_step_s'] - 1:+.0%} vs the fresh run's {ref['train_step_s'] * 1000:.1f} ms "
+                f"{record['train_step_s'] / ref['train_step_s'] - 1:+.0%} vs the fresh run's "
+                f"{ref['train_step_s'] * 1000:.1f} ms "
                 f"(peak reserved {record['peak_reserved'] / 2**30:.2f} vs {ref['peak_reserved'] / 2**30:.2f} GiB, free at "
                 f"warm-up {record['free_before'] / 2**30:.2f} vs {ref['free_before'] / 2**30:.2f} GiB) after {retries} "
                 f"retries; other processes on the GPU or a lower memory cap are the usual causes."
