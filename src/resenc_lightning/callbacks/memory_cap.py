@@ -106,6 +106,7 @@ class CudaMemoryCap(pl.Callback):
         self.decision: CapDecision | None = None
         self.warning: str | None = None
         self._ballast: torch.Tensor | None = None
+        self.ballast_bytes = 0
         self._cuda: Any = torch.cuda  # replaced by a fake in tests
         if expandable_segments and enabled:
             conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
@@ -147,6 +148,7 @@ class CudaMemoryCap(pl.Callback):
         else:
             free, _ = self._cuda.mem_get_info(index)
             ballast = int(max(free - d.cap_gb * GB, 0))
+            self.ballast_bytes = ballast
             self._ballast = torch.empty(ballast, dtype=torch.uint8, device=torch.device("cuda", index))
             rank_zero_info(f"CudaMemoryCap: emulating a {d.cap_gb:.1f} GB card (ballast {ballast / GB:.1f} GB "
                            f"on a {d.total_gb:.1f} GB device).")
