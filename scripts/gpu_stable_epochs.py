@@ -277,16 +277,19 @@ def plan_arms(args: argparse.Namespace, plans: str) -> list[dict]:
     base = {"plans": plans, "steps": args.steps, "target_gb": args.target_gb, "workdir": args.workdir,
             "pressure_gb": 0.0, "smoke": args.smoke}
     arms = []
-    for pair, kind, callbacks in (("ours_off", "ours", False), ("ours_on", "ours", True), ("native", "native", False)):
-        if pair not in args.arms:
-            continue
-        for phase in ("fresh", "resume"):
-            arms.append({**base, "pair": pair, "kind": kind, "callbacks": callbacks, "phase": phase})
-    if "pressure" in args.arms:
-        for gb in args.pressure:
-            for callbacks in (False, True):
-                arms.append({**base, "pair": f"pressure{gb:g}_{'on' if callbacks else 'off'}", "kind": "ours",
-                             "callbacks": callbacks, "phase": "fresh", "pressure_gb": gb})
+    pairs = {"ours_off": ("ours", False), "ours_on": ("ours", True), "native": ("native", False)}
+    for name in args.arms:
+        if name in pairs:
+            kind, callbacks = pairs[name]
+            for phase in ("fresh", "resume"):
+                arms.append({**base, "pair": name, "kind": kind, "callbacks": callbacks, "phase": phase})
+        elif name == "pressure":
+            for gb in args.pressure:
+                for callbacks in (False, True):
+                    arms.append({**base, "pair": f"pressure{gb:g}_{'on' if callbacks else 'off'}", "kind": "ours",
+                                 "callbacks": callbacks, "phase": "fresh", "pressure_gb": gb})
+        else:
+            raise SystemExit(f"--arms {name!r} is not one of native, ours_on, ours_off, pressure.")
     return arms
 
 
@@ -323,20 +326,21 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/rl_stable_epochs", help="nnU-Net folders for the synthetic dataset")
     p.add_argument("--plans", default="nnUNetResEncUNetLPlans", help="ResEnc plans (planner) to use")
     p.add_argument("--cases", type=int, default=4, help="synthetic training cases")
-    p.add_argument("--shape", type=int, default=200, help="edge length of the synthetic volumes (voxels)")
+    p.add_argument("--shape", type=int, default=184, help="edge length of the synthetic volumes (voxels)")
     p.add_argument("--np", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)), help="preprocessing processes")
     p.add_argument("--steps", type=int, default=50, help="timed training steps per arm")
     p.add_argument("--target-gb", type=float, default=24.0, help="emulated card size")
     p.add_argument("--pressure", type=float, nargs="*", default=[2.0], help="GB occupied while cuDNN benchmarks")
-    p.add_argument("--arms", nargs="*", default=["ours_off", "ours_on", "native", "pressure"])
-    p.add_argument("--deadline-s", type=float, default=480, help="stop starting arms after this many seconds")
+    p.add_argument("--arms", nargs="*", default=["native", "ours_on", "ours_off", "pressure"],
+                   help="arm pairs, run in this order: native, ours_on, ours_off, pressure")
+    p.add_argument("--deadline-s", type=float, default=540, help="stop starting arms after this many seconds")
     p.add_argument("--smoke", action="store_true", help="CPU run on a tiny dataset/network (pipeline check)")
     args = p.parse_args()
     if args.smoke:
         args.cases, args.shape, args.steps, args.np = 6, 24, 3, 2
         os.environ.setdefault("nnUNet_n_proc_DA", "0")
     os.environ.setdefault("nnUNet_compile", "f")
-    os.environ.setdefault("nnUNet_n_proc_DA", str(max(1, min(8, (os.cpu_count() or 2) - 2))))
+    os.environ.setdefault("nnUNet_n_proc_DA", str(max(1, min(12, (os.cpu_count() or 2) - 2))))
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
