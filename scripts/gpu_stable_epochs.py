@@ -317,7 +317,8 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "_arm":
         spec = json.loads(sys.argv[2])
-        os.environ.update({k: str(Path(spec["workdir"]) / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            os.environ[k] = str(Path(spec["workdir"]) / k)
         result = arm_native(spec) if spec["kind"] == "native" else arm_ours(spec)
         print("ARM_RESULT " + json.dumps(result), flush=True)
         return
