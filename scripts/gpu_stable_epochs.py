@@ -326,7 +326,7 @@ def main() -> None:
     p.add_argument("--out", default="gpu_results", help="folder for results.md / results.jsonl")
     p.add_argument("--workdir", default="/tmp/rl_stable_epochs", help="nnU-Net folders for the synthetic dataset")
     p.add_argument("--plans", default="nnUNetResEncUNetLPlans", help="ResEnc plans (planner) to use")
-    p.add_argument("--cases", type=int, default=4, help="synthetic training cases")
+    p.add_argument("--cases", type=int, default=5, help="synthetic training cases")
     p.add_argument("--shape", type=int, default=184, help="edge length of the synthetic volumes (voxels)")
     p.add_argument("--np", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)), help="preprocessing processes")
     p.add_argument("--steps", type=int, default=50, help="timed training steps per arm")

@@ -82,3 +82,18 @@ def test_2d_configuration_trains(tiny_dataset, results_dir):
     cli = fit(tiny_args(results_dir, "--configuration", "2d", epochs=1, iters=2, val_iters=1))
     assert cli.model.network.decoder.seg_layers[0].__class__.__name__ == "Conv2d"
     assert len(cli.model.nnunet_log["train_losses"]) == 1
+
+
+def test_resume_with_more_epochs_follows_the_new_polylr_schedule(tiny_dataset, results_dir):
+    """nnU-Net recomputes PolyLR from the current num_epochs on --c; a longer resumed run must too."""
+    fit(tiny_args(results_dir, epochs=1, iters=1, val_iters=1))
+    resumed = fit(tiny_args(results_dir, "--resume", "true", epochs=4, iters=1, val_iters=1))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    ref = PolyLRScheduler(opt, 0.01, 4)
+    expected = []
+    for epoch in range(4):
+        ref.step(epoch)
+        expected.append(opt.param_groups[0]["lr"])
+    lrs = resumed.model.nnunet_log["lrs"]
+    assert lrs[0] == 0.01  # epoch 0 ran with the first invocation's schedule (1 epoch)
+    assert lrs[1:] == expected[1:]

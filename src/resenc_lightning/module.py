@@ -127,6 +127,11 @@ class ResEncUNetModule(pl.LightningModule):
     # -- training ------------------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         scheduler = self.lr_schedulers()
+        # nnU-Net rebuilds PolyLR from the current num_epochs and never restores its state; Lightning restores
+        # the scheduler's saved state (incl. the old length) on resume, so re-apply ours before stepping.
+        scheduler.initial_lr = self.hparams.initial_lr
+        scheduler.max_steps = self.schedule_length()
+        scheduler.exponent = self.hparams.poly_exponent
         scheduler.step(self.current_epoch)
         self._train_losses = []
         self._epoch_start = time.time()

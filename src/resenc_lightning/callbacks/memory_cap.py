@@ -73,8 +73,9 @@ def planner_command(plans: dict, dataset_id: int | str, target_gb: float) -> str
     if planner not in PLANNER_TARGETS_GB:
         planner = "nnUNetPlannerResEncL"
     n = int(math.floor(target_gb))
-    base = re.sub(r"Plans$", "", plans.get("plans_name", "nnUNetResEncUNetLPlans"))
-    base = _NAME_TARGET.sub("_", base).rstrip("_")
+    # nnUNetResEncUNetLPlans / ..._20GB_Plans / nnU-Net docs' nnUNetResEncUNetPlans_80G -> nnUNetResEncUNet[L]_<n>GB_Plans
+    base = re.sub(r"Plans(?=_|$)", "", plans.get("plans_name", "nnUNetResEncUNetLPlans"))
+    base = re.sub(r"_+", "_", _NAME_TARGET.sub("_", base)).strip("_")
     return (f"nnUNetv2_plan_experiment -d {dataset_id} -pl {planner} -gpu_memory_target {n} "
             f"-overwrite_plans_name {base}_{n}GB_Plans")
 
