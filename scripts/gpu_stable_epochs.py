@@ -43,6 +43,9 @@ sys.path.insert(0, str(ROOT / "src"))
 GB = 1024**3
 DATASET_ID = 988
 DATASET_NAME = f"Dataset{DATASET_ID}_StableEpochs"
+#: cuDNN's legacy low/no-workspace engines: what a convolution falls back to when the fast, big-workspace
+#: implicit-GEMM kernels did not fit at benchmark time (seen on H200: dgrad_alg1_nd_float_engine).
+FALLBACK_PATTERN = re.compile(r"_alg\d|_engine<|implicit_convolve|precomputed_convolve|fft", re.I)
 KERNEL_PATTERN = re.compile(r"conv|cudnn|xmma|fprop|dgrad|wgrad|implicit|winograd|fft|cutlass|sm\d\d_", re.I)
 
 
@@ -295,8 +298,8 @@ def plan_arms(args: argparse.Namespace, plans: str) -> list[dict]:
 
 def table(results: list[dict]) -> str:
     by = {(r["pair"], r["phase"]): r for r in results}
-    lines = ["| arm | fresh ms/step | resumed ms/step | resumed/fresh | fresh GB | resumed GB | same conv kernels |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | fresh ms/step | resumed ms/step | resumed/fresh | fresh GB | resumed GB | fallback kernels "
+             "fresh / resumed | same conv kernels |", "|---|---|---|---|---|---|---|---|"]
     for pair in dict.fromkeys(r["pair"] for r in results):
         f, r = by.get((pair, "fresh")), by.get((pair, "resume"))
 
@@ -308,9 +311,14 @@ def table(results: list[dict]) -> str:
         if f and r and "error" not in f and "error" not in r:
             same = "yes" if f["kernels"] == r["kernels"] else f"no ({len(set(f['kernels']) ^ set(r['kernels']))} differ)"
         pressure = f" ({f['pressure_gb']:g} GB pressure)" if f and f.get("pressure_gb") else ""
+
+        def fallbacks(x):
+            if x is None or "error" in x:
+                return "-"
+            return str(sum(1 for k in x["kernels"] if FALLBACK_PATTERN.search(k)))
         lines.append(f"| {pair}{pressure} | {cell(f, 'step_ms', '.1f')} | {cell(r, 'step_ms', '.1f') if r else '-'} | "
                      f"{ratio} | {cell(f, 'peak_reserved_gb', '.2f')} | "
-                     f"{cell(r, 'peak_reserved_gb', '.2f') if r else '-'} | {same} |")
+                     f"{cell(r, 'peak_reserved_gb', '.2f') if r else '-'} | {fallbacks(f)} / {fallbacks(r)} | {same} |")
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ DEMO_BATCH_SIZE = 2
 DEMO_TRAIN_ITERATIONS = 12
 DEMO_VAL_ITERATIONS = 3
 DEMO_EPOCHS = 3
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "2"
 
 PLANNERS = {
     "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
@@ -209,7 +209,9 @@ def build_dataset(dataset_id: int, dataset_name: str, plans: str, n_cases: int, 
     Needs nnUNet_raw and nnUNet_preprocessed set. Returns the preprocessed dataset folder.
     """
     if plans not in PLANNERS:
-        raise ValueError(
+        from resenc_lightning.plans import RunSpecError
+
+        raise RunSpecError(
             f"--plans {plans!r} cannot be planned for the demo; use one of {', '.join(PLANNERS)} "
             f"or pass --dataset for your own preprocessed dataset."
         )
@@ -217,20 +219,24 @@ def build_dataset(dataset_id: int, dataset_name: str, plans: str, n_cases: int, 
     pp_root = Path(os.environ["nnUNet_preprocessed"])
     pp_folder = pp_root / dataset_name
     marker = pp_folder / f".resenc_lightning_complete_{plans}"
+    # the markers record what was built: other parameters (or an older format) mean rebuild, not reuse
+    built = json.dumps({"version": _FORMAT_VERSION, "n_cases": n_cases, "shape_range": list(shape_range),
+                        "seed": seed}, sort_keys=True)
     with _locked(pp_root / f".{dataset_name}.lock"):
-        if marker.is_file() and marker.read_text() == _FORMAT_VERSION:
-            return pp_folder
         raw_marker = raw_root / dataset_name / ".resenc_lightning_complete"
-        if not raw_marker.is_file():
-            # half-written (or old) raw data: start from scratch, for every plans
+        raw_ok = raw_marker.is_file() and raw_marker.read_text() == built
+        if raw_ok and marker.is_file() and marker.read_text() == built:
+            return pp_folder
+        if not raw_ok:
+            # half-written raw data, or data built with other parameters: start from scratch, for every plans
             shutil.rmtree(raw_root / dataset_name, ignore_errors=True)
             shutil.rmtree(pp_folder, ignore_errors=True)
             write_raw_dataset(raw_root, dataset_name, n_cases, shape_range, seed)
-            raw_marker.write_text(_FORMAT_VERSION)
+            raw_marker.write_text(built)
         plan_and_preprocess(dataset_id, plans, num_processes)
         if extra_configuration:
             add_demo_configuration(pp_folder / f"{plans}.json")
-        marker.write_text(_FORMAT_VERSION)
+        marker.write_text(built)
     return pp_folder
 
 
