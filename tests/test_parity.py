@@ -1,0 +1,87 @@
+"""Parity with nnunetv2's own nnUNetTrainer, instantiated here for the reference values."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_PLANS, tiny_args
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from resenc_lightning import recipe
+from resenc_lightning.cli import build_cli
+from resenc_lightning.module import _tp_fp_fn
+
+
+def native_trainer(tiny_dataset, configuration: str) -> nnUNetTrainer:
+    plans = json.loads((tiny_dataset / f"{TINY_PLANS}.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((tiny_dataset / "dataset.json").read_text())
+    trainer = nnUNetTrainer(plans, configuration, 0, dataset_json, device=torch.device("cpu"))
+    trainer.initialize()
+    return trainer
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_network_loss_and_augmentation_match_nnunet_trainer(tiny_dataset, results_dir, configuration):
+    cli = build_cli(tiny_args(results_dir, "--configuration", configuration))
+    ours = cli.model
+    ref = native_trainer(tiny_dataset, configuration)
+    # network: same class, same state_dict keys and shapes; weights load both ways with strict=True
+    assert type(ours.network) is type(ref.network)
+    a, b = ours.network.state_dict(), ref.network.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].shape == b[k].shape for k in a)
+    ours.network.load_state_dict(b, strict=True)
+    ref.network.load_state_dict(a, strict=True)
+    # deep supervision weights/scales
+    assert np.allclose(ours.loss.weight_factors, ref.loss.weight_factors)
+    assert recipe.deep_supervision_scales(ours.view) == ref._get_deep_supervision_scales()
+    # rotation, dummy 2D, initial patch size, mirror axes
+    rot, dummy2d, initial, mirror = ref.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert ours.aug.rotation_for_da == rot and ours.aug.do_dummy_2d_data_aug == dummy2d
+    assert ours.aug.initial_patch_size == tuple(int(i) for i in initial) and ours.aug.mirror_axes == tuple(mirror)
+    # transforms: same pipeline, same parameters
+    ours_tr = recipe.training_transforms(ours.view, ours.aug)
+    ref_tr = ref.get_training_transforms(ref.configuration_manager.patch_size, rot, ref._get_deep_supervision_scales(),
+                                         mirror, dummy2d, use_mask_for_norm=ref.configuration_manager.use_mask_for_norm,
+                                         is_cascaded=False, foreground_labels=ref.label_manager.foreground_labels,
+                                         regions=None, ignore_label=ref.label_manager.ignore_label)
+    assert repr(ours_tr) == repr(ref_tr)
+    # batch size and oversampling (single process)
+    assert cli.datamodule.spec.configuration_manager.batch_size == ref.batch_size
+
+
+def test_loss_and_pseudo_dice_statistics_equal_nnunet_on_the_same_batch(tiny_dataset, results_dir):
+    cli = build_cli(tiny_args(results_dir))
+    ours, dm = cli.model, cli.datamodule
+    ref = native_trainer(tiny_dataset, "3d_fullres")
+    ref.network.load_state_dict(ours.network.state_dict(), strict=True)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    dm.teardown("fit")
+    ours.eval()
+    ref.network.eval()
+    with torch.no_grad():
+        out = ours(batch["data"])
+        our_loss = ours.loss(out, batch["target"])
+        ref_loss = ref.loss(ref.network(batch["data"]), batch["target"])
+        tp, fp, fn = _tp_fp_fn(out[0], batch["target"][0], ours.label_manager)
+        ref_stats = ref.validation_step(copy.deepcopy(batch))
+    assert torch.allclose(our_loss, ref_loss)
+    assert np.isclose(float(our_loss), ref_stats["loss"])
+    assert np.array_equal(tp, ref_stats["tp_hard"])
+    assert np.array_equal(fp, ref_stats["fp_hard"])
+    assert np.array_equal(fn, ref_stats["fn_hard"])
+
+
+def test_split_is_nnunets(tiny_dataset, results_dir):
+    cli = build_cli(tiny_args(results_dir))
+    cli.datamodule.setup("fit")
+    ref = native_trainer(tiny_dataset, "3d_fullres")
+    tr, val = ref.do_split()
+    assert cli.datamodule.train_keys == list(tr) and cli.datamodule.val_keys == list(val)
+    assert not set(tr) & set(val)
