@@ -23,6 +23,7 @@ from resenc_lightning.callbacks.cudnn_pinning import CudnnPinning
 from resenc_lightning.callbacks.epoch_timing import EpochTiming
 from resenc_lightning.callbacks.gpu_monitor import GpuMonitor
 from resenc_lightning.callbacks.memory_cap import CudaMemoryCap
+from resenc_lightning.callbacks.nnunet_export import NnUNetExport
 from resenc_lightning.callbacks.rng_state import RNGStateCheckpoint
 from resenc_lightning.data import NnUNetDataModule
 from resenc_lightning.module import ResEncUNetModule
@@ -75,6 +76,7 @@ class ResEncLightningCLI(LightningCLI):
         parser.add_lightning_class_args(CudnnPinning, "cudnn_pinning")
         parser.add_lightning_class_args(EpochTiming, "epoch_timing")
         parser.add_lightning_class_args(GpuMonitor, "gpu_monitor")
+        parser.add_lightning_class_args(NnUNetExport, "nnunet_export")
         parser.link_arguments("require_exclusive_gpu", "gpu_monitor.require_exclusive_gpu")
         for name in ("plans", "dataset", "configuration", "fold"):
             parser.link_arguments(name, f"data.{name}")

@@ -194,12 +194,12 @@ class ResEncUNetModule(pl.LightningModule):
         log["dice_per_class_or_region"].append([float(d) for d in dice])
         log["train_losses"].append(train_loss)
         log["val_losses"].append(float(val_loss))
+        log["epoch_end_timestamps"].append(time.time())
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch's figures once (one logger row per epoch, with the callbacks' timing/GPU figures)."""
         metrics = self._epoch_metrics or {}
         self._epoch_metrics = None
-        self.nnunet_log["epoch_end_timestamps"].append(time.time())
         if metrics:
             self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
         if self.hparams.print_epoch_summary and metrics:
