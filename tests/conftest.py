@@ -17,6 +17,7 @@ SOURCE_PLANS = "nnUNetResEncUNetLPlans"
 
 os.environ.setdefault("nnUNet_n_proc_DA", "0")  # in-process augmentation: deterministic and light
 os.environ.setdefault("nnUNet_compile", "f")
+os.environ.setdefault("nnUNet_def_n_proc", "2")  # nnU-Net's export/metrics pools (default 8)
 
 
 def shrink_plans(plans: dict) -> dict:

@@ -69,6 +69,13 @@ class ResEncLightningCLI(LightningCLI):
         parser.add_argument("--memcheck", type=bool, default=False,
                             help="Run one real training step at the plans' batch and patch on the GPU and report "
                                  "peak memory against the card and the plans' VRAM target; no training.")
+        parser.add_argument("--final_validation", type=bool, default=True,
+                            help="After training, nnU-Net's final validation: sliding-window prediction of the fold's "
+                                 "validation cases, validation/summary.json, plus validation/summary_surface.json.")
+        parser.add_argument("--validate_only", type=bool, default=False,
+                            help="Only run the final validation from the fold's last checkpoint (nnU-Net's --val).")
+        parser.add_argument("--val_best", type=bool, default=False,
+                            help="With --validate_only: use the best (EMA pseudo-Dice) checkpoint (nnU-Net's --val_best).")
         parser.add_argument("--require_exclusive_gpu", type=bool, default=False,
                             help="Refuse to train when other processes use the GPU (see --gpu_monitor.*).")
         # The stable-epoch callbacks: on by default, each switchable off (--<name>.enabled false).
@@ -141,6 +148,16 @@ class ResEncLightningCLI(LightningCLI):
             RNGStateCheckpoint(),
         ]
 
+    def load_weights_for_validation(self) -> str:
+        name = "best.ckpt" if self.config.get("val_best") else LAST_CHECKPOINT
+        path = self.checkpoint_dir / name
+        if not path.is_file():
+            raise UsageError(f"--validate_only needs {path}, which does not exist; train this fold first "
+                             f"(or drop --val_best to use {LAST_CHECKPOINT}).")
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        self.model.load_state_dict(state, strict=True)
+        return f"checkpoint {path}"
+
     def resolve_ckpt_path(self) -> str | None:
         last = self.checkpoint_dir / LAST_CHECKPOINT
         if self.resume:
@@ -152,6 +169,23 @@ class ResEncLightningCLI(LightningCLI):
             raise UsageError(f"{self.checkpoint_dir} already holds checkpoints; add --resume to continue that run, "
                              f"or pass another --fold / --data.trainer_name (nothing was overwritten).")
         return None
+
+
+def validate(cli: ResEncLightningCLI, source: str) -> dict:
+    """nnU-Net's final validation of the fold (all ranks take part; metrics on rank 0)."""
+    from resenc_lightning.validation import run_final_validation
+
+    device = cli.trainer.strategy.root_device
+    model = cli.model.to(device)
+    if cli.datamodule.batch_size is None:
+        cli.datamodule.setup("validate")
+    result = run_final_validation(model.network, cli.datamodule.spec, device, model.inference_allowed_mirroring_axes,
+                                  int(cli.datamodule.batch_size))
+    if cli.trainer.is_global_zero:
+        dice = result.get("final_val/foreground_dice")
+        print(f"Final validation of {source}: foreground mean Dice {dice:.4f}; {result['summary']}, "
+              f"{result.get('summary_surface')}", flush=True)
+    return result
 
 
 def _uses_cuda(accelerator: Any) -> bool:
@@ -187,8 +221,13 @@ def main(args: list[str] | None = None) -> Path | None:
             raise UsageError(str(e)) from None
         print(result.report(), flush=True)
         return None
+    if cli.config.get("validate_only"):
+        validate(cli, cli.load_weights_for_validation())
+        return cli.output_folder
     ckpt_path = cli.resolve_ckpt_path()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    if cli.config.get("final_validation") and not cli.trainer.interrupted:
+        validate(cli, "the trained network")
     out = cli.output_folder
     if cli.trainer.is_global_zero:
         print(f"Output folder: {out}", flush=True)

@@ -1,0 +1,110 @@
+"""Final validation exactly as nnU-Net does it, plus surface metrics nnU-Net does not report.
+
+`nnUNetTrainer.perform_actual_validation` is called unbound on a view of our run: nnunetv2's
+predictor (sliding window, step 0.5, Gaussian, mirroring over the allowed axes) on the fold's
+validation cases, nnunetv2's export, `compute_metrics_on_folder` -> `validation/summary.json`,
+cases split over DDP ranks like nnU-Net. Then MONAI's HD95 and normalised surface Dice per case
+and class go to `validation/summary_surface.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from resenc_lightning import recipe
+from resenc_lightning.plans import RunSpec
+
+
+class _SummaryLog:
+    def __init__(self) -> None:
+        self.summary: dict[str, float] = {}
+
+    def log_summary(self, key: str, value: Any) -> None:
+        self.summary[key] = float(value)
+
+
+def run_final_validation(network: torch.nn.Module, spec: RunSpec, device: torch.device,
+                         mirror_axes: tuple[int, ...], batch_size: int, surface_tolerance_mm: float = 1.0) -> dict:
+    """Predict the fold's validation cases with nnunetv2 and write summary.json (+ summary_surface.json)."""
+    # the predictor records the trainer's class name: present the view as nnUNetTrainer
+    view = type("nnUNetTrainer", (SimpleNamespace,), {})(**vars(recipe.trainer_view(spec, device=device,
+                                                                                       compile_network=False)))
+    folder = Path(spec.output_folder)
+    log = _SummaryLog()
+    view.network = network
+    view.output_folder = str(folder)
+    view.output_folder_base = str(folder.parent)
+    view.batch_size = batch_size
+    view.is_cascaded = False
+    view.local_rank = dist.get_rank() if view.is_ddp else 0
+    view.inference_allowed_mirroring_axes = tuple(mirror_axes)
+    view.dataset_class = infer_dataset_class(str(spec.preprocessed_data_folder))
+    view.configuration_name = spec.configuration
+    view.logger = log
+    view.set_deep_supervision_enabled = lambda enabled: recipe.set_deep_supervision(network, enabled)
+    view.do_split = lambda: recipe.split(view)
+    view.print_to_log_file = lambda *args, **kwargs: print(*args, flush=True) \
+        if kwargs.get("also_print_to_console") and view.local_rank == 0 else None
+    was_training = network.training
+    try:
+        nnUNetTrainer.perform_actual_validation(view, save_probabilities=False)
+    finally:
+        network.train(was_training)
+        recipe.set_deep_supervision(network, True)
+    result = {"summary": str(folder / "validation" / "summary.json"), **log.summary}
+    if view.local_rank == 0:
+        result["summary_surface"] = str(write_surface_summary(spec, folder / "validation", surface_tolerance_mm))
+    return result
+
+
+def write_surface_summary(spec: RunSpec, validation_folder: Path, tolerance_mm: float = 1.0) -> Path:
+    """Per-case, per-class HD95 (mm) and normalised surface Dice at `tolerance_mm`, with MONAI's metrics."""
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    reader = spec.plans_manager.image_reader_writer_class()
+    lm = spec.plans_manager.get_label_manager(spec.dataset_json)
+    ending = spec.dataset_json["file_ending"]
+    gt_folder = spec.preprocessed_base / "gt_segmentations"
+    classes = lm.foreground_regions if lm.has_regions else lm.foreground_labels
+    per_case = []
+    for pred_file in sorted(validation_folder.glob(f"*{ending}")):
+        gt, props = reader.read_seg(str(gt_folder / pred_file.name))
+        pred, _ = reader.read_seg(str(pred_file))
+        spacing = [float(s) for s in props["spacing"]]
+        masks_p, masks_g = [], []
+        for c in classes:
+            values = c if isinstance(c, (list, tuple)) else [c]
+            masks_p.append(np.isin(pred[0], values))
+            masks_g.append(np.isin(gt[0], values))
+        p = torch.from_numpy(np.stack(masks_p)[None].astype(np.float32))
+        g = torch.from_numpy(np.stack(masks_g)[None].astype(np.float32))
+        hd95 = compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=spacing)[0]
+        nsd = compute_surface_dice(p, g, class_thresholds=[tolerance_mm] * len(classes), include_background=True,
+                                   spacing=spacing)[0]
+        per_case.append({"prediction_file": str(pred_file), "reference_file": str(gt_folder / pred_file.name),
+                         "metrics": {str(c): {"HD95": _num(h), "NSD": _num(n)} for c, h, n in zip(classes, hd95, nsd)}})
+    mean = {}
+    for c in map(str, classes):
+        mean[c] = {m: _nanmean([case["metrics"][c][m] for case in per_case]) for m in ("HD95", "NSD")}
+    out = validation_folder / "summary_surface.json"
+    out.write_text(json.dumps({"tolerance_mm": tolerance_mm, "metric_per_case": per_case, "mean": mean}, indent=2))
+    return out
+
+
+def _num(x: torch.Tensor) -> float | None:
+    v = float(x)
+    return None if np.isnan(v) or np.isinf(v) else v
+
+
+def _nanmean(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return float(np.mean(finite)) if finite else None
