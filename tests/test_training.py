@@ -9,6 +9,17 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from resenc_lightning.cli import build_cli
 
 
+def nnunet_lrs(initial_lr: float, num_epochs: int, n: int) -> list[float]:
+    """The LR nnU-Net's PolyLRScheduler sets at the start of epochs 0..n-1."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=initial_lr)
+    ref = PolyLRScheduler(opt, initial_lr, num_epochs)
+    lrs = []
+    for epoch in range(n):
+        ref.step(epoch)
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
 def fit(args: list[str]):
     cli = build_cli(args)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resolve_ckpt_path())
@@ -45,13 +56,7 @@ def test_deep_supervision_outputs_match_targets(tiny_dataset, results_dir):
 
 def test_lr_per_epoch_equals_nnunet_polylr(tiny_dataset, results_dir):
     cli = fit(tiny_args(results_dir, "--model.num_epochs", "10", epochs=4, iters=1, val_iters=1))
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    ref = PolyLRScheduler(opt, 0.01, 10)
-    expected = []
-    for epoch in range(4):
-        ref.step(epoch)
-        expected.append(opt.param_groups[0]["lr"])
-    assert cli.model.nnunet_log["lrs"] == expected
+    assert cli.model.nnunet_log["lrs"] == nnunet_lrs(0.01, 10, 4)
 
 
 def _state(ckpt_path):
@@ -88,12 +93,7 @@ def test_resume_with_more_epochs_follows_the_new_polylr_schedule(tiny_dataset, r
     """nnU-Net recomputes PolyLR from the current num_epochs on --c; a longer resumed run must too."""
     fit(tiny_args(results_dir, epochs=1, iters=1, val_iters=1))
     resumed = fit(tiny_args(results_dir, "--resume", "true", epochs=4, iters=1, val_iters=1))
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    ref = PolyLRScheduler(opt, 0.01, 4)
-    expected = []
-    for epoch in range(4):
-        ref.step(epoch)
-        expected.append(opt.param_groups[0]["lr"])
+    expected = nnunet_lrs(0.01, 4, 4)
     lrs = resumed.model.nnunet_log["lrs"]
     assert lrs[0] == 0.01  # epoch 0 ran with the first invocation's schedule (1 epoch)
     assert lrs[1:] == expected[1:]

@@ -76,6 +76,9 @@ class ResEncLightningCLI(LightningCLI):
                             help="Only run the final validation from the fold's last checkpoint (nnU-Net's --val).")
         parser.add_argument("--val_best", type=bool, default=False,
                             help="With --validate_only: use the best (EMA pseudo-Dice) checkpoint (nnU-Net's --val_best).")
+        parser.add_argument("--init_from_nnunet", type=str | None, default=None,
+                            help="Initialise the network from a native nnU-Net checkpoint_*.pth (weights only, "
+                                 "segmentation heads excepted, like nnU-Net's -pretrained_weights); loaded on the CPU.")
         parser.add_argument("--require_exclusive_gpu", type=bool, default=False,
                             help="Refuse to train when other processes use the GPU (see --gpu_monitor.*).")
         # The stable-epoch callbacks: on by default, each switchable off (--<name>.enabled false).
@@ -225,6 +228,17 @@ def main(args: list[str] | None = None) -> Path | None:
         validate(cli, cli.load_weights_for_validation())
         return cli.output_folder
     ckpt_path = cli.resolve_ckpt_path()
+    if cli.config.get("init_from_nnunet"):
+        if ckpt_path is not None:
+            raise UsageError("--init_from_nnunet and --resume exclude each other (as nnU-Net's -pretrained_weights "
+                             "and --c): resume restores its own weights.")
+        from resenc_lightning.nnunet_import import NnUNetImportError, init_from_nnunet
+
+        try:
+            copied = init_from_nnunet(cli.model.network, cli.config["init_from_nnunet"])
+        except NnUNetImportError as e:
+            raise UsageError(str(e)) from None
+        print(f"Initialised {len(copied)} weights from {cli.config['init_from_nnunet']}", flush=True)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     if cli.config.get("final_validation") and not cli.trainer.interrupted:
         validate(cli, "the trained network")
