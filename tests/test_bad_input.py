@@ -115,3 +115,13 @@ def test_existing_checkpoints_are_not_overwritten(tiny_dataset, results_dir):
     assert "already holds checkpoints; add --resume" in msg
     assert (cli.checkpoint_dir / "last.ckpt").read_bytes() == b"precious"
     assert os.listdir(cli.checkpoint_dir) == ["last.ckpt"]
+
+
+def test_too_few_cases_for_five_folds(nnunet_env):
+    from resenc_lightning import demo
+
+    demo.build_dataset(558, "Dataset558_Three", "nnUNetResEncUNetLPlans", n_cases=3, shape_range=(12, 12),
+                       num_processes=1, extra_configuration=False)
+    with pytest.raises(RunSpecError, match="3 preprocessed cases, too few for nnU-Net's 5-fold split; use --fold all"):
+        resolve_run("nnUNetResEncUNetLPlans", 558, "3d_fullres", 0)
+    assert resolve_run("nnUNetResEncUNetLPlans", 558, "3d_fullres", "all").fold == "all"

@@ -200,6 +200,12 @@ def resolve_run(
             f"{dataset_name} is not preprocessed for {configuration} ({data_folder} is missing or empty); run "
             f"`nnUNetv2_preprocess -d {spec.dataset_id} -plans_name {spec.plans_identifier} -c {configuration}`."
         )
+    n_cases = len(list(data_folder.glob("*.pkl")))
+    if spec.fold != "all" and not (base / "splits_final.json").is_file() and n_cases < 5:
+        raise RunSpecError(
+            f"{dataset_name} has {n_cases} preprocessed cases, too few for nnU-Net's 5-fold split; use --fold all "
+            f"or write your own {base / 'splits_final.json'}."
+        )
     if results_root is None and os.environ.get("nnUNet_results"):
         results_root = Path(os.environ["nnUNet_results"])
     if results_root is None:
