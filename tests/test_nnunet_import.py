@@ -50,3 +50,48 @@ def test_init_from_nnunet_rejects_another_architecture_in_one_line(tiny_dataset,
     assert "\n" not in str(e.value) and TINY_PLANS not in str(e.value)
     with pytest.raises(UsageError, match="does not exist"):
         main(tiny_args(tmp_path / "r4", "--init_from_nnunet", str(tmp_path / "missing.pth")))
+
+
+def test_resume_from_native_nnunet_continues_epoch_lr_ema_and_logging(tiny_dataset, results_dir, tmp_path):
+    """A checkpoint written by nnunetv2's own nnUNetTrainer (after 2 epochs) continues here."""
+    import json
+
+    import numpy as np
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from test_training import nnunet_lrs
+
+    plans = json.loads((tiny_dataset / f"{TINY_PLANS}.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((tiny_dataset / "dataset.json").read_text())
+    native = nnUNetTrainer(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+    native.initialize()
+    dl_train, dl_val = native.get_dataloaders()
+    for epoch in range(2):  # two short native epochs, logged the way nnU-Net logs them
+        native.network.train()
+        native.lr_scheduler.step(epoch)
+        native.logger.log("lrs", native.optimizer.param_groups[0]["lr"], epoch)
+        native.logger.log("epoch_start_timestamps", 0.0, epoch)
+        losses = [native.train_step(next(dl_train))["loss"] for _ in range(2)]
+        native.logger.log("train_losses", float(np.mean(losses)), epoch)
+        native.logger.log("val_losses", 0.5, epoch)
+        native.logger.log("mean_fg_dice", 0.2 + 0.1 * epoch, epoch)
+        native.logger.log("dice_per_class_or_region", [0.2, 0.2], epoch)
+        native.logger.log("epoch_end_timestamps", 1.0, epoch)
+        native.current_epoch = epoch
+        native._best_ema = native.logger.get_value("ema_fg_dice", step=-1)
+    path = tmp_path / "checkpoint_latest.pth"
+    native.save_checkpoint(str(path))  # current_epoch + 1 = 2: epochs 0 and 1 are done
+    native_ema = native.logger.get_value("ema_fg_dice", step=-1)
+
+    out = main(tiny_args(results_dir, "--resume_from_nnunet", str(path), "--final_validation", "false",
+                         epochs=4, iters=2, val_iters=1))
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    log = last["nnunet"]["logging"]
+    assert last["epoch"] == 3  # epochs 2 and 3 ran here
+    assert len(log["train_losses"]) == 4 and log["train_losses"][:2] == native.logger.get_value("train_losses", None)
+    assert log["lrs"][2:] == nnunet_lrs(0.01, 4, 4)[2:]  # the schedule continues at epoch 2
+    first_new = log["mean_fg_dice"][2]
+    assert np.isclose(log["ema_fg_dice"][2], 0.9 * native_ema + 0.1 * first_new)  # EMA continues
+    assert (out / "checkpoints" / "imported_from_nnunet.ckpt").is_file()
+    for dl in (dl_train, dl_val):
+        getattr(dl, "_finish", lambda: None)()

@@ -97,3 +97,31 @@ def test_resume_with_more_epochs_follows_the_new_polylr_schedule(tiny_dataset, r
     lrs = resumed.model.nnunet_log["lrs"]
     assert lrs[0] == 0.01  # epoch 0 ran with the first invocation's schedule (1 epoch)
     assert lrs[1:] == expected[1:]
+
+
+def test_last_checkpoint_is_written_every_epoch_even_when_the_ema_does_not_improve(tiny_dataset, results_dir):
+    """An interrupted run must lose at most the epoch in progress, whatever the pseudo-Dice did."""
+    import lightning.pytorch as pl
+
+    cli = build_cli(tiny_args(results_dir, epochs=3, iters=1, val_iters=1))
+    saved = []
+
+    class EpochEnds(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            saved.append(trainer.current_epoch)
+
+    # make every epoch after the first look worse than the best, so the 'best' checkpoint is not rewritten
+    original = cli.model.on_validation_epoch_end
+
+    def worse_each_epoch():
+        original()
+        if cli.model._epoch_metrics is not None and cli.trainer.current_epoch > 0:
+            cli.model._epoch_metrics["ema_fg_dice"] = -float(cli.trainer.current_epoch)
+
+    cli.model.on_validation_epoch_end = worse_each_epoch
+    cli.trainer.callbacks.append(EpochEnds())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    last = torch.load(cli.checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    best = torch.load(cli.checkpoint_dir / "best.ckpt", map_location="cpu", weights_only=False)
+    assert saved == [0, 1, 2]
+    assert last["epoch"] == 2 and best["epoch"] == 0

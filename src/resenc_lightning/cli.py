@@ -79,6 +79,9 @@ class ResEncLightningCLI(LightningCLI):
         parser.add_argument("--init_from_nnunet", type=str | None, default=None,
                             help="Initialise the network from a native nnU-Net checkpoint_*.pth (weights only, "
                                  "segmentation heads excepted, like nnU-Net's -pretrained_weights); loaded on the CPU.")
+        parser.add_argument("--resume_from_nnunet", type=str | None, default=None,
+                            help="Continue a native nnU-Net run from its checkpoint_latest/final.pth (weights, optimizer, "
+                                 "epoch, EMA/best, logging), with our callbacks; loaded on the CPU.")
         parser.add_argument("--require_exclusive_gpu", type=bool, default=False,
                             help="Refuse to train when other processes use the GPU (see --gpu_monitor.*).")
         # The stable-epoch callbacks: on by default, each switchable off (--<name>.enabled false).
@@ -142,14 +145,42 @@ class ResEncLightningCLI(LightningCLI):
 
     def forced_callbacks(self) -> list:
         save_every = int(self.config.get("save_every") or 50)
+        # last.ckpt every epoch. (ModelCheckpoint's own save_last only refreshes last.ckpt when a top-k checkpoint
+        # is written, i.e. here only when the EMA improves: an interrupted run could lose epochs.)
         return [
+            ModelCheckpoint(dirpath=self.checkpoint_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                            enable_version_counter=False, save_on_train_epoch_end=True),
             ModelCheckpoint(dirpath=self.checkpoint_dir, filename="best", monitor="ema_fg_dice", mode="max",
-                            save_last=True, save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True),
+                            save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True),
             ModelCheckpoint(dirpath=self.checkpoint_dir, filename="epoch_{epoch:04d}", auto_insert_metric_name=False,
                             every_n_epochs=save_every, save_top_k=-1, monitor=None, enable_version_counter=False,
                             save_on_train_epoch_end=True),
             RNGStateCheckpoint(),
         ]
+
+    def import_native_checkpoint(self, path: str, ckpt_path: str | None) -> str:
+        """Turn a native nnU-Net checkpoint into a Lightning one in this fold's checkpoints/ and resume from it."""
+        from resenc_lightning.nnunet_import import (
+            NnUNetImportError,
+            lightning_checkpoint_from_native,
+            load_native_checkpoint,
+        )
+
+        if ckpt_path is not None or self.config.get("init_from_nnunet"):
+            raise UsageError("--resume_from_nnunet starts a fold from a native checkpoint; it excludes --resume and "
+                             "--init_from_nnunet.")
+        try:
+            native = load_native_checkpoint(path, "--resume_from_nnunet")
+            dm = self.datamodule
+            checkpoint = lightning_checkpoint_from_native(native, self.trainer, self.model,
+                                                          dm.num_iterations_per_epoch, dm.num_val_iterations_per_epoch)
+        except NnUNetImportError as e:
+            raise UsageError(str(e)) from None
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        target = self.checkpoint_dir / "imported_from_nnunet.ckpt"
+        torch.save(checkpoint, target)
+        print(f"Resuming the native nnU-Net run {path} at epoch {native['current_epoch']}", flush=True)
+        return str(target)
 
     def load_weights_for_validation(self) -> str:
         name = "best.ckpt" if self.config.get("val_best") else LAST_CHECKPOINT
@@ -228,6 +259,8 @@ def main(args: list[str] | None = None) -> Path | None:
         validate(cli, cli.load_weights_for_validation())
         return cli.output_folder
     ckpt_path = cli.resolve_ckpt_path()
+    if cli.config.get("resume_from_nnunet"):
+        ckpt_path = cli.import_native_checkpoint(cli.config["resume_from_nnunet"], ckpt_path)
     if cli.config.get("init_from_nnunet"):
         if ckpt_path is not None:
             raise UsageError("--init_from_nnunet and --resume exclude each other (as nnU-Net's -pretrained_weights "

@@ -19,10 +19,10 @@ class NnUNetImportError(ValueError):
     pass
 
 
-def load_native_checkpoint(path: str | Path) -> dict:
+def load_native_checkpoint(path: str | Path, flag: str = "--init_from_nnunet") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise NnUNetImportError(f"--init_from_nnunet {path} does not exist; pass an nnU-Net checkpoint_*.pth file.")
+        raise NnUNetImportError(f"{flag} {path} does not exist; pass an nnU-Net checkpoint_*.pth file.")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
         raise NnUNetImportError(f"{path} has no 'network_weights'; it is not an nnU-Net checkpoint_*.pth file.")
@@ -53,3 +53,69 @@ def init_from_nnunet(network: torch.nn.Module, path: str | Path) -> list[str]:
     own.update({k: pretrained[k].to(own[k].dtype) for k in copied})
     network.load_state_dict(own)
     return copied
+
+
+def lightning_checkpoint_from_native(native: dict, trainer, model, num_iterations: int,
+                                     num_val_iterations: int) -> dict:
+    """A Lightning checkpoint that continues a native nnU-Net run where it stopped.
+
+    nnU-Net's `current_epoch` is the next epoch to run; the loop counters are set as Lightning
+    leaves them when it checkpoints at the end of epoch `current_epoch - 1`. Weights, optimizer
+    (momentum), grad scaler, EMA/best EMA and nnU-Net's logging lists carry over; the LR follows
+    from the epoch, as in nnU-Net.
+    """
+    spec = model.spec
+    args = native.get("init_args", {})
+    theirs = (args.get("plans", {}).get("plans_name"), args.get("configuration"))
+    ours = (spec.plans_identifier, spec.configuration)
+    if None not in theirs and theirs != ours:
+        raise NnUNetImportError(f"the nnU-Net checkpoint was trained with {theirs[0]}/{theirs[1]}, this run is "
+                                f"{ours[0]}/{ours[1]}; pass the same --plans and --configuration.")
+    done = int(native["current_epoch"])
+    if done < 1:
+        raise NnUNetImportError("the nnU-Net checkpoint has current_epoch 0: nothing to resume; use --init_from_nnunet.")
+    weights = {_strip(k): v for k, v in native["network_weights"].items()}
+    model.network.load_state_dict(weights, strict=True)
+    steps = done * num_iterations
+    loops = {"fit_loop": trainer.fit_loop.state_dict(), "validate_loop": trainer.validate_loop.state_dict(),
+             "test_loop": trainer.test_loop.state_dict(), "predict_loop": trainer.predict_loop.state_dict()}
+    fit = loops["fit_loop"]
+    fit["epoch_loop.state_dict"]["_batches_that_stepped"] = steps
+    _set_progress(fit["epoch_loop.batch_progress"], steps, num_iterations)
+    fit["epoch_loop.batch_progress"]["is_last_batch"] = True
+    _set_progress(fit["epoch_loop.scheduler_progress"], done, 1)
+    optim = fit["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]
+    _set_progress(optim["step"], steps, num_iterations)
+    _set_progress(optim["zero_grad"], steps, num_iterations)
+    _set_progress(fit["epoch_loop.val_loop.batch_progress"], done * num_val_iterations, num_val_iterations)
+    _set_progress(fit["epoch_progress"], done, done)
+    for progress in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
+        progress["completed"] = done - 1  # saved inside on_train_epoch_end, like our own last.ckpt
+    logging = {k: list(v) for k, v in native.get("logging", {}).items()}
+    ema = logging.get("ema_fg_dice") or [None]
+    optimizer = model.configure_optimizers()
+    checkpoint = {
+        "epoch": done - 1, "global_step": steps, "pytorch-lightning_version": _lightning_version(),
+        "state_dict": model.state_dict(), "loops": loops, "callbacks": {},
+        "optimizer_states": [native["optimizer_state"]],
+        "lr_schedulers": [optimizer["lr_scheduler"]["scheduler"].state_dict()],
+        "nnunet": {"ema_fg_dice": ema[-1], "best_ema": native.get("_best_ema"), "logging": logging,
+                   "plans_identifier": spec.plans_identifier, "configuration": spec.configuration,
+                   "fold": spec.fold, "dataset_name": spec.dataset_name},
+    }
+    scaler_state = native.get("grad_scaler_state")
+    if scaler_state is not None:
+        checkpoint[type(trainer.precision_plugin).__qualname__] = scaler_state
+    return checkpoint
+
+
+def _set_progress(progress: dict, total: int, current: int) -> None:
+    for key, value in (("total", total), ("current", current)):
+        for field in progress[key]:
+            progress[key][field] = value
+
+
+def _lightning_version() -> str:
+    import lightning
+
+    return lightning.__version__
