@@ -85,3 +85,41 @@ def test_split_is_nnunets(tiny_dataset, results_dir):
     tr, val = ref.do_split()
     assert cli.datamodule.train_keys == list(tr) and cli.datamodule.val_keys == list(val)
     assert not set(tr) & set(val)
+
+
+def test_anisotropic_3d_plans_match_nnunet_trainer(tiny_dataset, results_dir):
+    """A 3D configuration with an anisotropic patch (dummy-2D augmentation, +-180 deg rotation)."""
+    plans_file = tiny_dataset / f"{TINY_PLANS}.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["3d_aniso"] = {
+        "inherits_from": "3d_fullres", "patch_size": [4, 16, 16], "spacing": [3.0, 1.0, 1.0],
+        "architecture": {**plans["configurations"]["3d_fullres"]["architecture"]},
+    }
+    arch = json.loads(json.dumps(plans["configurations"]["3d_fullres"]["architecture"]))
+    arch["arch_kwargs"]["strides"] = [[1, 1, 1], [1, 2, 2], [2, 2, 2]]
+    arch["arch_kwargs"]["kernel_sizes"] = [[1, 3, 3], [3, 3, 3], [3, 3, 3]]
+    plans["configurations"]["3d_aniso"]["architecture"] = arch
+    aniso_file = tiny_dataset / f"{TINY_PLANS}_aniso.json"
+    plans["plans_name"] = aniso_file.stem
+    aniso_file.write_text(json.dumps(plans))
+    try:
+        args = tiny_args(results_dir, "--configuration", "3d_aniso")
+        args[args.index("--plans") + 1] = aniso_file.stem
+        ours = build_cli(args).model
+        plans["continue_training"] = False
+        dataset_json = json.loads((tiny_dataset / "dataset.json").read_text())
+        ref = nnUNetTrainer(plans, "3d_aniso", 0, dataset_json, device=torch.device("cpu"))
+        ref.initialize()
+        rot, dummy2d, initial, mirror = ref.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        assert dummy2d is True and ours.aug.do_dummy_2d_data_aug is True
+        assert ours.aug.rotation_for_da == rot and ours.aug.mirror_axes == tuple(mirror)
+        assert ours.aug.initial_patch_size == tuple(int(i) for i in initial)
+        assert list(ours.network.state_dict()) == list(ref.network.state_dict())
+        ours_tr = recipe.training_transforms(ours.view, ours.aug)
+        ref_tr = ref.get_training_transforms(ref.configuration_manager.patch_size, rot, ref._get_deep_supervision_scales(),
+                                             mirror, dummy2d, use_mask_for_norm=ref.configuration_manager.use_mask_for_norm,
+                                             is_cascaded=False, foreground_labels=ref.label_manager.foreground_labels,
+                                             regions=None, ignore_label=ref.label_manager.ignore_label)
+        assert repr(ours_tr) == repr(ref_tr)
+    finally:
+        aniso_file.unlink()
