@@ -114,9 +114,16 @@ def _kernels(run_steps, n: int = 3) -> list[str]:
     activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         run_steps(n)
+    return _conv_kernel_names(prof)
+
+
+def _conv_kernel_names(prof) -> list[str]:
+    """Convolution kernel names a finished torch.profiler run saw (device kernels on CUDA, ops on CPU)."""
+    import torch
+
     names = set()
     for evt in prof.events():
-        if (torch.cuda.is_available() and evt.device_type != torch.autograd.DeviceType.CUDA):
+        if torch.cuda.is_available() and evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
         if KERNEL_PATTERN.search(evt.name):
             names.add(evt.name[:160])
@@ -237,11 +244,7 @@ def arm_ours(spec: dict) -> dict:
             if batch_idx == n_steps - 1 and self.prof is not None:
                 _sync()
                 self.prof.__exit__(None, None, None)
-                for evt in self.prof.events():
-                    if torch.cuda.is_available() and evt.device_type != torch.autograd.DeviceType.CUDA:
-                        continue
-                    if KERNEL_PATTERN.search(evt.name):
-                        kernels.append(evt.name[:160])
+                kernels.extend(_conv_kernel_names(self.prof))
                 self.prof = None
 
     cli = build_cli(args)

@@ -16,13 +16,26 @@ from resenc_lightning.cli import build_cli
 from resenc_lightning.module import _tp_fp_fn
 
 
-def native_trainer(tiny_dataset, configuration: str) -> nnUNetTrainer:
-    plans = json.loads((tiny_dataset / f"{TINY_PLANS}.json").read_text())
+def native_trainer(tiny_dataset, configuration: str, plans: dict | None = None) -> nnUNetTrainer:
+    plans = dict(plans or json.loads((tiny_dataset / f"{TINY_PLANS}.json").read_text()))
     plans["continue_training"] = False
     dataset_json = json.loads((tiny_dataset / "dataset.json").read_text())
     trainer = nnUNetTrainer(plans, configuration, 0, dataset_json, device=torch.device("cpu"))
     trainer.initialize()
     return trainer
+
+
+def assert_augmentation_matches(ours, ref: nnUNetTrainer) -> None:
+    """Rotation, dummy 2D, initial patch size, mirror axes, and the transform pipeline with its parameters."""
+    rot, dummy2d, initial, mirror = ref.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert ours.aug.rotation_for_da == rot and ours.aug.do_dummy_2d_data_aug == dummy2d
+    assert ours.aug.initial_patch_size == tuple(int(i) for i in initial) and ours.aug.mirror_axes == tuple(mirror)
+    ours_tr = recipe.training_transforms(ours.view, ours.aug)
+    ref_tr = ref.get_training_transforms(ref.configuration_manager.patch_size, rot, ref._get_deep_supervision_scales(),
+                                         mirror, dummy2d, use_mask_for_norm=ref.configuration_manager.use_mask_for_norm,
+                                         is_cascaded=False, foreground_labels=ref.label_manager.foreground_labels,
+                                         regions=None, ignore_label=ref.label_manager.ignore_label)
+    assert repr(ours_tr) == repr(ref_tr)
 
 
 @pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
@@ -40,17 +53,7 @@ def test_network_loss_and_augmentation_match_nnunet_trainer(tiny_dataset, result
     # deep supervision weights/scales
     assert np.allclose(ours.loss.weight_factors, ref.loss.weight_factors)
     assert recipe.deep_supervision_scales(ours.view) == ref._get_deep_supervision_scales()
-    # rotation, dummy 2D, initial patch size, mirror axes
-    rot, dummy2d, initial, mirror = ref.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-    assert ours.aug.rotation_for_da == rot and ours.aug.do_dummy_2d_data_aug == dummy2d
-    assert ours.aug.initial_patch_size == tuple(int(i) for i in initial) and ours.aug.mirror_axes == tuple(mirror)
-    # transforms: same pipeline, same parameters
-    ours_tr = recipe.training_transforms(ours.view, ours.aug)
-    ref_tr = ref.get_training_transforms(ref.configuration_manager.patch_size, rot, ref._get_deep_supervision_scales(),
-                                         mirror, dummy2d, use_mask_for_norm=ref.configuration_manager.use_mask_for_norm,
-                                         is_cascaded=False, foreground_labels=ref.label_manager.foreground_labels,
-                                         regions=None, ignore_label=ref.label_manager.ignore_label)
-    assert repr(ours_tr) == repr(ref_tr)
+    assert_augmentation_matches(ours, ref)
     # batch size and oversampling (single process)
     assert cli.datamodule.spec.configuration_manager.batch_size == ref.batch_size
 
@@ -106,20 +109,9 @@ def test_anisotropic_3d_plans_match_nnunet_trainer(tiny_dataset, results_dir):
         args = tiny_args(results_dir, "--configuration", "3d_aniso")
         args[args.index("--plans") + 1] = aniso_file.stem
         ours = build_cli(args).model
-        plans["continue_training"] = False
-        dataset_json = json.loads((tiny_dataset / "dataset.json").read_text())
-        ref = nnUNetTrainer(plans, "3d_aniso", 0, dataset_json, device=torch.device("cpu"))
-        ref.initialize()
-        rot, dummy2d, initial, mirror = ref.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        assert dummy2d is True and ours.aug.do_dummy_2d_data_aug is True
-        assert ours.aug.rotation_for_da == rot and ours.aug.mirror_axes == tuple(mirror)
-        assert ours.aug.initial_patch_size == tuple(int(i) for i in initial)
+        ref = native_trainer(tiny_dataset, "3d_aniso", plans)
+        assert ours.aug.do_dummy_2d_data_aug is True
         assert list(ours.network.state_dict()) == list(ref.network.state_dict())
-        ours_tr = recipe.training_transforms(ours.view, ours.aug)
-        ref_tr = ref.get_training_transforms(ref.configuration_manager.patch_size, rot, ref._get_deep_supervision_scales(),
-                                             mirror, dummy2d, use_mask_for_norm=ref.configuration_manager.use_mask_for_norm,
-                                             is_cascaded=False, foreground_labels=ref.label_manager.foreground_labels,
-                                             regions=None, ignore_label=ref.label_manager.ignore_label)
-        assert repr(ours_tr) == repr(ref_tr)
+        assert_augmentation_matches(ours, ref)
     finally:
         aniso_file.unlink()

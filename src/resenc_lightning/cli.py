@@ -223,11 +223,13 @@ def validate(cli: ResEncLightningCLI, source: str) -> dict:
 
 
 def _uses_cuda(accelerator: Any) -> bool:
+    """Whether the Trainer will run on CUDA: accelerator auto/gpu/cuda (name or instance) and a GPU present."""
     if not torch.cuda.is_available():
         return False
-    name = getattr(accelerator, "__class__", type(None)).__name__.lower() if not isinstance(accelerator, str) \
-        else accelerator
-    return accelerator is None or name in ("auto", "gpu", "cuda") or "cuda" in str(name)
+    if accelerator is None:
+        return True
+    name = (accelerator if isinstance(accelerator, str) else type(accelerator).__name__).lower()
+    return name in ("auto", "gpu") or "cuda" in name
 
 
 def build_cli(args: list[str] | None = None) -> ResEncLightningCLI:

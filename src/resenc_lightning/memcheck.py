@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from resenc_lightning.callbacks.cudnn_pinning import random_label_loss
 from resenc_lightning.callbacks.memory_cap import GB, decide_cap, planner_command, plans_target_gb
 
 
@@ -77,12 +78,7 @@ def run_memcheck(model, datamodule, precision: str = "16-mixed", steps: int = 2,
             start.record()
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=dtype, enabled=use_amp):
-                out = model(x)
-                outs = out if isinstance(out, (list, tuple)) else [out]
-                n = outs[0].shape[1]
-                tgt = [torch.randint(0, n, (o.shape[0], 1, *o.shape[2:]), generator=generator, device=device)
-                       for o in outs]
-                loss = model.loss(out, tgt if isinstance(out, (list, tuple)) else tgt[0])
+                loss = random_label_loss(model, model(x), generator)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 12)

@@ -134,11 +134,6 @@ def set_deep_supervision(network: torch.nn.Module, enabled: bool) -> None:
     mod.decoder.deep_supervision = enabled
 
 
-def poly_lr(initial_lr: float, epoch: int, max_epochs: int, exponent: float = 0.9) -> float:
-    """nnU-Net's PolyLRScheduler value for `epoch` (a pure function of the epoch index)."""
-    return initial_lr * (1 - epoch / max_epochs) ** exponent
-
-
 def n_proc_da() -> int:
     """Augmentation workers, honouring `nnUNet_n_proc_DA` (0 = in-process), like nnU-Net."""
     from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -151,6 +146,3 @@ def compile_requested(device: torch.device) -> bool:
     if device.type != "cuda" or os.name == "nt":
         return False
     return os.environ.get("nnUNet_compile", "true").lower() in ("true", "1", "t")
-
-
-__all__ = [name for name in dir() if not name.startswith("_") and name not in ("np", "annotations")]

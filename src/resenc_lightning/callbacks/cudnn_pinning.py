@@ -142,7 +142,7 @@ class CudnnPinning(pl.Callback):
                 start = _now(device)
                 with trainer.precision_plugin.train_step_context():
                     output = pl_module(x)
-                    loss = self._loss(pl_module, output, generator)
+                    loss = random_label_loss(pl_module, output, generator)
                 loss.backward()
                 step_times.append(_now(device) - start)
                 for p in pl_module.parameters():
@@ -177,19 +177,6 @@ class CudnnPinning(pl.Callback):
             "device": _device_name(device),
             "precision": str(trainer.precision_plugin.__class__.__name__), "retries": 0,
         }
-
-    @staticmethod
-    def _loss(pl_module: pl.LightningModule, output: Any, generator: torch.Generator) -> torch.Tensor:
-        """The module's own loss on random labels shaped like the outputs (same kernels as training)."""
-        outputs = output if isinstance(output, (list, tuple)) else [output]
-        lm = getattr(pl_module, "label_manager", None)
-        loss_fn = getattr(pl_module, "loss", None)
-        if lm is None or loss_fn is None or lm.has_regions or lm.has_ignore_label:
-            return sum(o.float().mean() for o in outputs)
-        n = outputs[0].shape[1]
-        targets = [torch.randint(0, n, (o.shape[0], 1, *o.shape[2:]), generator=generator, device=o.device)
-                   for o in outputs]
-        return loss_fn(output, targets if isinstance(output, (list, tuple)) else targets[0])
 
     @staticmethod
     def _offload_optimizer_state(trainer: pl.Trainer, device: torch.device) -> list[tuple[dict, str, torch.Tensor]]:
@@ -248,6 +235,20 @@ class CudnnPinning(pl.Callback):
             )
             rank_zero_warn(self.warning)
         return record
+
+
+def random_label_loss(pl_module: pl.LightningModule, output: Any, generator: torch.Generator) -> torch.Tensor:
+    """The module's own loss on random labels shaped like the outputs: the kernels and memory of a real step
+    without real data (used by the warm-up and by --memcheck)."""
+    outputs = output if isinstance(output, (list, tuple)) else [output]
+    lm = getattr(pl_module, "label_manager", None)
+    loss_fn = getattr(pl_module, "loss", None)
+    if lm is None or loss_fn is None or lm.has_regions or lm.has_ignore_label:
+        return sum(o.float().mean() for o in outputs)
+    n = outputs[0].shape[1]
+    targets = [torch.randint(0, n, (o.shape[0], 1, *o.shape[2:]), generator=generator, device=o.device)
+               for o in outputs]
+    return loss_fn(output, targets if isinstance(output, (list, tuple)) else targets[0])
 
 
 def _now(device: torch.device) -> float:
