@@ -27,7 +27,7 @@ from resenc_lightning.callbacks.nnunet_export import NnUNetExport
 from resenc_lightning.callbacks.rng_state import RNGStateCheckpoint
 from resenc_lightning.data import NnUNetDataModule
 from resenc_lightning.module import ResEncUNetModule
-from resenc_lightning.plans import RunSpecError
+from resenc_lightning.plans import RunSpec, RunSpecError
 
 #: nnUNetTrainer's loop settings expressed as Trainer defaults (each overridable with --trainer.*).
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -222,6 +222,18 @@ def validate(cli: ResEncLightningCLI, source: str) -> dict:
     return result
 
 
+def check_world_size(trainer: Trainer, spec: RunSpec) -> None:
+    """nnU-Net splits the plans' batch over the ranks, so there cannot be more ranks than samples."""
+    nodes, devices = int(trainer.num_nodes), int(trainer.num_devices)
+    batch = int(spec.configuration_manager.batch_size)
+    if nodes * devices > batch:
+        raise UsageError(
+            f"{nodes * devices} processes ({nodes} node(s) x {devices} device(s)) exceed the global batch size {batch} "
+            f"of {spec.plans_identifier} {spec.configuration}, which nnU-Net splits over the ranks; use at most {batch} "
+            f"processes (--trainer.devices / --trainer.num_nodes) or plan a larger batch size."
+        )
+
+
 def _uses_cuda(accelerator: Any) -> bool:
     """Whether the Trainer will run on CUDA: accelerator auto/gpu/cuda (name or instance) and a GPU present."""
     if not torch.cuda.is_available():
@@ -260,6 +272,7 @@ def main(args: list[str] | None = None) -> Path | None:
     if cli.config.get("validate_only"):
         validate(cli, cli.load_weights_for_validation())
         return cli.output_folder
+    check_world_size(cli.trainer, cli.datamodule.spec)
     ckpt_path = cli.resolve_ckpt_path()
     if cli.config.get("resume_from_nnunet"):
         ckpt_path = cli.import_native_checkpoint(cli.config["resume_from_nnunet"], ckpt_path)

@@ -98,6 +98,14 @@ class ResEncUNetModule(pl.LightningModule):
         return int(max_epochs) if max_epochs and max_epochs > 0 else 1000
 
     # -- model ---------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Under DDP, rebuild the loss as nnU-Net does after process-group init: batch Dice all-gathers its
+        statistics with gradient (`ddp=True`) and the last deep-supervision weight becomes 1e-6 instead of 0."""
+        if recipe.is_distributed() and not self.view.is_ddp:
+            self.view = recipe.trainer_view(self.spec, enable_deep_supervision=self.hparams.enable_deep_supervision,
+                                            compile_network=False)
+            self.loss = recipe.build_loss(self.view)
+
     def configure_model(self) -> None:
         if self.hparams.channels_last:
             self.network = self.network.to(memory_format=_channels_last(len(self.patch_size)))

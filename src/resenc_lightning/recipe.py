@@ -38,7 +38,7 @@ def trainer_view(
         label_manager=plans_manager.get_label_manager(spec.dataset_json),
         dataset_json=spec.dataset_json,
         device=torch.device(device),
-        is_ddp=dist.is_available() and dist.is_initialized(),
+        is_ddp=is_distributed(),
         enable_deep_supervision=enable_deep_supervision,
         oversample_foreground_percent=oversample_foreground_percent,
         fold=spec.fold,
@@ -55,6 +55,11 @@ def trainer_view(
         view._do_i_compile = lambda: compile_network
     view._get_deep_supervision_scales = lambda: nnUNetTrainer._get_deep_supervision_scales(view)
     return view
+
+
+def is_distributed() -> bool:
+    """nnU-Net's `is_ddp`: a torch.distributed process group is up (Lightning's DDP has set it up)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 @dataclass
