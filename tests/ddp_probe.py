@@ -27,7 +27,8 @@ class DDPProbe(pl.Callback):
             rank=trainer.global_rank, world_size=trainer.world_size, batch_size=dm.batch_size,
             oversample=dm.rank_oversample, loss_ddp=bool(dice.ddp),
             ds_weights=[float(w) for w in pl_module.loss.weight_factors],
-            rng_digest=hashlib.sha1(np.random.get_state()[1].tobytes() + torch.get_rng_state().numpy().tobytes()).hexdigest(),
+            rng_digest=hashlib.sha1(np.random.get_state()[1].tobytes()
+                                    + torch.get_rng_state().numpy().tobytes()).hexdigest(),
         )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -49,7 +49,8 @@ def run_ddp(results_dir: Path, probe_dir: Path, *extra: str, epochs: int, plans:
                      "--trainer.strategy", "ddp", f"--trainer.callbacks+={probe}", *extra, epochs=epochs, iters=3,
                      val_iters=2)
     # one export/metrics worker per rank: nnU-Net's spawn pools dominate a tiny validation on 2 cores
-    env = {**os.environ, "nnUNet_def_n_proc": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "nnUNet_def_n_proc": "1", "PYTHONPATH": path}
     start = time.time()
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)

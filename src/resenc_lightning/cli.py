@@ -8,11 +8,13 @@ folder, the forced callbacks and `--resume`.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -192,8 +194,26 @@ class ResEncLightningCLI(LightningCLI):
         self.model.load_state_dict(state, strict=True)
         return f"checkpoint {path}"
 
+    def slurm_requeue_checkpoint(self) -> Path | None:
+        """A requeued SLURM job resumes by itself: from Lightning's `hpc_ckpt_N.ckpt` (written on the requeue signal)
+        or `last.ckpt`, whichever is newer. Returns None outside SLURM or before a first checkpoint."""
+        if not SLURMEnvironment.detect():
+            return None
+        hpc = sorted(self.output_folder.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
+        restarted = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+        if not hpc and not restarted:
+            return None
+        last = self.checkpoint_dir / LAST_CHECKPOINT
+        candidates = hpc[-1:] + ([last] if last.is_file() else [])
+        return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
     def resolve_ckpt_path(self) -> str | None:
         last = self.checkpoint_dir / LAST_CHECKPOINT
+        requeued = self.slurm_requeue_checkpoint()
+        if requeued is not None:
+            if self.trainer.is_global_zero:
+                print(f"SLURM job {os.environ.get('SLURM_JOB_ID', '?')} requeued: resuming from {requeued}", flush=True)
+            return str(requeued)
         if self.resume:
             if not last.is_file():
                 raise UsageError(f"--resume given but there is no checkpoint at {last}; run without --resume to "

@@ -143,8 +143,8 @@ class ResEncUNetModule(pl.LightningModule):
         scheduler.step(self.current_epoch)
         self._train_losses = []
         self._epoch_start = time.time()
-        self.nnunet_log["lrs"].append(float(self.optimizers().param_groups[0]["lr"]))
-        self.nnunet_log["epoch_start_timestamps"].append(self._epoch_start)
+        self._record("lrs", float(self.optimizers().param_groups[0]["lr"]))
+        self._record("epoch_start_timestamps", self._epoch_start)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         output = self(batch["data"])
@@ -196,13 +196,19 @@ class ResEncUNetModule(pl.LightningModule):
         self._epoch_metrics = metrics
         if self.best_ema is None or self.ema_fg_dice > self.best_ema:
             self.best_ema = float(self.ema_fg_dice)
-        log = self.nnunet_log
-        log["mean_fg_dice"].append(mean_fg_dice)
-        log["ema_fg_dice"].append(float(self.ema_fg_dice))
-        log["dice_per_class_or_region"].append([float(d) for d in dice])
-        log["train_losses"].append(train_loss)
-        log["val_losses"].append(float(val_loss))
-        log["epoch_end_timestamps"].append(time.time())
+        self._record("mean_fg_dice", mean_fg_dice)
+        self._record("ema_fg_dice", float(self.ema_fg_dice))
+        self._record("dice_per_class_or_region", [float(d) for d in dice])
+        self._record("train_losses", train_loss)
+        self._record("val_losses", float(val_loss))
+        self._record("epoch_end_timestamps", time.time())
+
+    def _record(self, key: str, value: Any) -> None:
+        """nnU-Net's one entry per epoch; an epoch restarted from a mid-epoch checkpoint (SLURM requeue, signal)
+        replaces its entry instead of adding a second one."""
+        entries = self.nnunet_log[key]
+        del entries[self.current_epoch:]
+        entries.append(value)
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch's figures once (one logger row per epoch, with the callbacks' timing/GPU figures)."""
