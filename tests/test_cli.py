@@ -41,7 +41,7 @@ def test_yaml_and_flags_resolve_to_the_same_run(tiny_dataset, results_dir, tmp_p
     assert c.trainer.max_epochs == 5
 
 
-@pytest.mark.parametrize("name", ["resenc_m", "resenc_l", "resenc_xl", "demo"])
+@pytest.mark.parametrize("name", ["resenc_m", "resenc_l", "resenc_xl", "demo", "ddp"])
 def test_shipped_configs_parse(name, capsys):
     with pytest.raises(SystemExit) as e:
         build_cli(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--print_config"])

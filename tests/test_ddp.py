@@ -100,6 +100,10 @@ def test_two_process_ddp_fit_and_resume(b3_plans, results_dir, tmp_path):
     assert [p.name for p in (out / "logs").iterdir()] == ["version_0"]
     assert (out / "checkpoint_final.pth").is_file()
     assert (out / "validation" / "summary.json").is_file()
+    # the stable-epoch callbacks report per rank: every rank's timing is in rank 0's log
+    header = (out / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for rank in (0, 1):
+        assert {f"time/rank{rank}/step_median_s", f"time/rank{rank}/data_wait_frac"} <= set(header)
     assert proc.stdout.count("Output folder:") == 1
     assert proc.stdout.count("Final validation of the trained network") == 1
 
@@ -124,3 +128,16 @@ def test_world_size_above_global_batch_is_refused(tiny_dataset, results_dir):
     assert "3 processes" in message and "global batch size 2" in message and TINY_PLANS in message
     assert "\n" not in message
     assert not results_dir.exists() or not any(results_dir.rglob("*.ckpt"))
+
+
+def test_callback_messages_carry_the_rank_under_ddp(monkeypatch):
+    from resenc_lightning.callbacks import rank_report
+
+    fake = SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True, get_world_size=lambda: 2,
+                           get_rank=lambda: 1)
+    monkeypatch.setattr(rank_report, "dist", fake)
+    with pytest.warns(UserWarning, match=r"^\[rank: 1\] EpochTiming: slow"):
+        rank_report.warn("EpochTiming: slow")
+    monkeypatch.setattr(rank_report, "dist", SimpleNamespace(**{**vars(fake), "get_world_size": lambda: 1}))
+    with pytest.warns(UserWarning, match=r"^EpochTiming: slow"):
+        rank_report.warn("EpochTiming: slow")

@@ -411,7 +411,7 @@ def test_memory_cap_emulate_mode_leaves_the_cap_free(monkeypatch):
 
 def test_memory_cap_setup_uses_the_plans_and_does_nothing_on_cpu(tiny_dataset, results_dir, monkeypatch):
     infos = []
-    monkeypatch.setattr(memory_cap, "rank_zero_info", infos.append)
+    monkeypatch.setattr(memory_cap.rank_report, "info", infos.append)
 
     class NoCuda:
         def __getattr__(self, name):

@@ -37,8 +37,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from resenc_lightning.callbacks import rank_report
 from resenc_lightning.callbacks.rng_state import collect_rng_states, set_rng_states
 
 
@@ -75,7 +75,7 @@ class CudnnPinning(pl.Callback):
             return
         device = pl_module.device
         if device.type != "cuda" and not self.run_on_cpu:
-            rank_zero_info(f"CudnnPinning: device is {device.type}, no cuDNN algorithms to pin.")
+            rank_report.info(f"CudnnPinning: device is {device.type}, no cuDNN algorithms to pin.")
             return
         self._benchmark_before = torch.backends.cudnn.benchmark
         record = self.warm_up(trainer, pl_module)
@@ -87,7 +87,7 @@ class CudnnPinning(pl.Callback):
         elif self.reference is None or not self._comparable(record):
             self.reference = dict(record)
         self.history.append(record)
-        rank_zero_info(
+        rank_report.info(
             f"CudnnPinning: warm-up at train {record['train_shape']} / val {record['val_shape']}: "
             f"{record['train_step_s'] * 1000:.1f} ms/step, peak reserved {record['peak_reserved'] / 2**30:.2f} GiB"
             + (f" (fresh reference {self.reference['train_step_s'] * 1000:.1f} ms)" if resumed else "")
@@ -233,7 +233,7 @@ class CudnnPinning(pl.Callback):
                 f"warm-up {record['free_before'] / 2**30:.2f} vs {ref['free_before'] / 2**30:.2f} GiB) after {retries} "
                 f"retries; other processes on the GPU or a lower memory cap are the usual causes."
             )
-            rank_zero_warn(self.warning)
+            rank_report.warn(self.warning)
         return record
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 from resenc_lightning import gpu_info
+from resenc_lightning.callbacks import rank_report
 
 
 class EpochTiming(pl.Callback):
@@ -90,11 +90,23 @@ class EpochTiming(pl.Callback):
             if pl_module.device.type == "cuda" else 0.0,
         }
         self.epochs.append(record)
-        pl_module.log_dict({"time/epoch_s": epoch_s, "time/step_median_s": record["step_median_s"],
-                            "time/data_wait_frac": record["data_wait_frac"]}, on_step=False, on_epoch=True)
+        metrics = {"time/epoch_s": epoch_s, "time/step_median_s": record["step_median_s"],
+                   "time/data_wait_frac": record["data_wait_frac"]}
+        if trainer.world_size > 1:
+            metrics.update(self._per_rank(pl_module, record))
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True)
         self._update_reference(trainer, record)
         if self._restored and self.reference is not None and not self._warned:
             self._check_drift(trainer, pl_module, record)
+
+    @staticmethod
+    def _per_rank(pl_module: pl.LightningModule, record: dict[str, float]) -> dict[str, float]:
+        """Every rank's step time, data wait and reserved memory (loggers write rank 0's row only)."""
+        keys = ("step_median_s", "data_wait_frac", "reserved_gb")
+        mine = torch.tensor([record[k] for k in keys], dtype=torch.float64, device=pl_module.device)
+        gathered = pl_module.all_gather(mine).cpu()  # (world_size, 3), collective: every rank ends its epoch here
+        return {f"time/rank{rank}/{key}": float(gathered[rank, i]) for rank in range(gathered.shape[0])
+                for i, key in enumerate(keys)}
 
     def _update_reference(self, trainer: pl.Trainer, record: dict[str, float]) -> None:
         """The first epoch after `reference_skip_epochs` of a fresh (never resumed) run is the reference."""
@@ -116,7 +128,7 @@ class EpochTiming(pl.Callback):
             f"{ratio - 1:+.0%} vs the fresh run's {ref['step_median_s'] * 1000:.0f} ms (epoch {int(ref['epoch'])}). "
             f"Likely cause: {cause}"
         )
-        rank_zero_warn(self.warning)
+        rank_report.warn(self.warning)
 
     def likely_cause(self, record: dict[str, float], ref: dict[str, float], pl_module: pl.LightningModule) -> str:
         others = self._other_gpu_processes(pl_module)

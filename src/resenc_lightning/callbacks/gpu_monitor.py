@@ -10,9 +10,9 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from resenc_lightning import gpu_info
+from resenc_lightning.callbacks import rank_report
 
 GB = 1024**3
 
@@ -84,8 +84,8 @@ class GpuMonitor(pl.Callback):
 
     def _info(self, message: str) -> None:
         self.messages.append(message)
-        rank_zero_info(message)
+        rank_report.info(message)
 
     def _warn(self, message: str) -> None:
         self.messages.append(message)
-        rank_zero_warn(message)
+        rank_report.warn(message)

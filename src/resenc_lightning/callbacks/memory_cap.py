@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from resenc_lightning.callbacks import rank_report
 
 GB = 1024**3
 #: VRAM targets of nnunetv2's ResEnc planners (their `gpu_memory_target_in_gb` defaults).
@@ -119,13 +120,13 @@ class CudaMemoryCap(pl.Callback):
             return
         device = trainer.strategy.root_device
         if device.type != "cuda":
-            rank_zero_info(f"CudaMemoryCap: device is {device.type}, no CUDA memory to cap.")
+            rank_report.info(f"CudaMemoryCap: device is {device.type}, no CUDA memory to cap.")
             return
         spec = getattr(pl_module, "spec", None)
         plans = spec.plans if spec is not None else {}
         target, source = (self.target_gb, "explicit target_gb") if self.target_gb is not None else plans_target_gb(plans)
         if target is None:
-            rank_zero_warn(f"CudaMemoryCap: {source}; pass --memory_cap.target_gb N to cap memory. No cap set.")
+            rank_report.warn(f"CudaMemoryCap: {source}; pass --memory_cap.target_gb N to cap memory. No cap set.")
             return
         self.apply(device, target, source, plans, spec.dataset_id if spec is not None else "ID")
 
@@ -141,17 +142,17 @@ class CudaMemoryCap(pl.Callback):
                 f"with headroom; capping at {d.cap_gb:.1f} GB. Expect slower cuDNN algorithms or OOM; re-plan "
                 f"with: {planner_command(plans, dataset_id, d.max_fit_gb)}"
             )
-            rank_zero_warn(self.warning)
+            rank_report.warn(self.warning)
         if self.mode == "fraction":
             self._cuda.set_per_process_memory_fraction(d.fraction, index)
-            rank_zero_info(f"CudaMemoryCap: capped CUDA memory at {d.cap_gb:.1f} of {d.total_gb:.1f} GB "
+            rank_report.info(f"CudaMemoryCap: capped CUDA memory at {d.cap_gb:.1f} of {d.total_gb:.1f} GB "
                            f"(fraction {d.fraction:.3f}, target {d.target_gb:g} GB from {source}).")
         else:
             free, _ = self._cuda.mem_get_info(index)
             ballast = int(max(free - d.cap_gb * GB, 0))
             self.ballast_bytes = ballast
             self._ballast = torch.empty(ballast, dtype=torch.uint8, device=torch.device("cuda", index))
-            rank_zero_info(f"CudaMemoryCap: emulating a {d.cap_gb:.1f} GB card (ballast {ballast / GB:.1f} GB "
+            rank_report.info(f"CudaMemoryCap: emulating a {d.cap_gb:.1f} GB card (ballast {ballast / GB:.1f} GB "
                            f"on a {d.total_gb:.1f} GB device).")
         return d
 
