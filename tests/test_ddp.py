@@ -60,6 +60,10 @@ def run_ddp(results_dir: Path, probe_dir: Path, *extra: str, epochs: int, plans:
     return proc
 
 
+def preprocessed_folder() -> Path:
+    return Path(os.environ["nnUNet_preprocessed"]) / f"Dataset{TINY_ID}_Tiny"
+
+
 def read_ranks(probe_dir: Path) -> list[dict]:
     return [json.loads((probe_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -99,7 +103,12 @@ def test_two_process_ddp_fit_and_resume(b3_plans, results_dir, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert [p.name for p in (out / "logs").iterdir()] == ["version_0"]
     assert (out / "checkpoint_final.pth").is_file()
-    assert (out / "validation" / "summary.json").is_file()
+    # final validation: nnU-Net's split of the fold's cases over the ranks covers each case once
+    splits = json.loads((preprocessed_folder() / "splits_final.json").read_text())
+    predicted = sorted(p.name.split(".")[0] for p in (out / "validation").glob("*.nii.gz"))
+    assert predicted == sorted(splits[0]["val"])
+    summary = json.loads((out / "validation" / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == len(splits[0]["val"])
     # the stable-epoch callbacks report per rank: every rank's timing is in rank 0's log
     header = (out / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     for rank in (0, 1):
