@@ -20,6 +20,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from resenc_lightning import recipe
+from resenc_lightning.orphans import die_with_parent
 from resenc_lightning.plans import RunSpec, resolve_run
 
 #: nnU-Net's schedule (nnUNetTrainer.__init__).
@@ -149,6 +150,7 @@ class NnUNetDataModule(pl.LightningDataModule):
         n = self.workers()
         if n == 0:
             return SingleThreadedAugmenter(loader, None)
+        die_with_parent(loader)  # a kill -9 of the trainer must not leave workers behind
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         num_processes = n if train else max(1, n // 2)
         cached = max(6, n // 2) if train else max(3, n // 4)
@@ -168,6 +170,10 @@ class NnUNetDataModule(pl.LightningDataModule):
         if self._val_augmenter is None:
             self._val_augmenter = self._augmenter(self._dl_val, train=False)
         return EpochBatches(self._val_augmenter, self.num_val_iterations_per_epoch)
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Lightning skips teardown when fit ends by an exception (SIGTERM stop, OOM, ...): stop the workers here."""
+        self.teardown("fit")
 
     def teardown(self, stage: str | None = None) -> None:
         for attr in ("_train_augmenter", "_val_augmenter"):
