@@ -27,7 +27,7 @@ from resenc_lightning.callbacks.cudnn_pinning import CudnnPinning
 from resenc_lightning.callbacks.epoch_timing import EpochTiming
 from resenc_lightning.callbacks.gpu_monitor import GpuMonitor
 from resenc_lightning.callbacks.graceful_stop import GracefulStop
-from resenc_lightning.callbacks.memory_cap import CudaMemoryCap
+from resenc_lightning.callbacks.memory_cap import CudaMemoryCap, MemoryTargetError
 from resenc_lightning.callbacks.nnunet_export import NnUNetExport
 from resenc_lightning.callbacks.rng_state import RNGStateCheckpoint
 from resenc_lightning.data import NnUNetDataModule
@@ -107,7 +107,15 @@ class ResEncLightningCLI(LightningCLI):
         parser.link_arguments("data.spec", "model.spec", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
+        from jsonargparse import ArgumentError
+
+        parser.exit_on_error = False  # one line instead of the full usage text
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            message = " ".join(str(e).split())
+            raise UsageError(f"{message}; see `python train.py --help` for the accepted options "
+                             f"(or `--print_config` for a valid config).") from None
         # before LightningCLI seeds (it reads seed_everything right after parsing)
         if self.config.get("seed") is not None:
             self.config["seed_everything"] = self.config["seed"]
@@ -292,9 +300,8 @@ def build_cli(args: list[str] | None = None) -> ResEncLightningCLI:
     )
 
 
-#: Exit status after a stop signal: the shell's 128 + signal number, so a script can tell "stopped, resumable"
-#: from "finished" (0) and "failed" (1).
 def _signal_exit_code(signum: int | None) -> int:
+    """The shell's 128 + signal number, so a script tells "stopped, resumable" from finished (0) and failed (1)."""
     return 128 + int(signum or signal.SIGTERM)
 
 
@@ -312,6 +319,8 @@ def fit(cli: ResEncLightningCLI, ckpt_path: str | None) -> None:
         raise SystemExit(_signal_exit_code(signum)) from None
     except CheckpointWriteError as e:
         raise UsageError(str(e.strerror or e)) from None
+    except MemoryTargetError as e:
+        raise UsageError(str(e)) from None
     except torch.OutOfMemoryError:
         if trainer.global_step > 0:
             raise

@@ -20,6 +20,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from resenc_lightning import recipe
+from resenc_lightning.data_checks import check_network_class, check_preprocessed_data
 from resenc_lightning.orphans import die_with_parent
 from resenc_lightning.plans import RunSpec, resolve_run
 
@@ -98,6 +99,8 @@ class NnUNetDataModule(pl.LightningDataModule):
             plans, dataset, configuration or "3d_fullres", fold, trainer_name=trainer_name,
             results_root=Path(results_dir) if results_dir else None,
         )
+        check_network_class(self.spec)
+        check_preprocessed_data(self.spec)  # seconds now instead of a crash hours into the run
         self.num_iterations_per_epoch = num_iterations_per_epoch or NNUNET_TRAIN_ITERATIONS
         self.num_val_iterations_per_epoch = num_val_iterations_per_epoch or NNUNET_VAL_ITERATIONS
         self.oversample_foreground_percent = oversample_foreground_percent
