@@ -61,10 +61,10 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     _fsync_dir(path.parent)
 
 
-def atomic_save(obj: Any, path: str | Path, save: Callable[[Any, IO[bytes]], None] = torch.save) -> None:
+def atomic_save(obj: Any, path: str | Path, save: Callable[[Any, IO[bytes]], None] | None = None) -> None:
     """`torch.save` (or another writer taking a file object) to `path`, atomically."""
     with atomic_write(path, "wb") as f:
-        save(obj, f)
+        (save or torch.save)(obj, f)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

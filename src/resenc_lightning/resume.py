@@ -47,6 +47,8 @@ def choose_resume_checkpoint(folder: Path, preferred: str = "last.ckpt") -> tupl
             return read_checkpoint_info(first), problems
         except CheckpointError as e:
             problems.append(str(e))
+    else:
+        problems.append(f"{first} is missing")
     intact = []
     for path in sorted(folder.glob("*.ckpt")):
         if path.name == preferred:
