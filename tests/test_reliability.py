@@ -100,5 +100,48 @@ def test_cuda_oom_in_the_first_step_names_the_planner_command(tiny_dataset, resu
 def test_seed_and_deterministic_flags_reach_lightning(tiny_dataset, results_dir):
     cli = build_cli(tiny_args(results_dir, "--seed", "99", "--deterministic", "true"))
     assert cli.config["seed_everything"] == 99 and os.environ["PL_GLOBAL_SEED"] == "99"
-    assert cli.trainer._accelerator_connector.deterministic is True
+    assert cli.config.trainer.deterministic is True and torch.are_deterministic_algorithms_enabled()
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_sigterm_mid_epoch_then_resume_ends_bit_identical_to_an_uninterrupted_run(tiny_dataset, tmp_path):
+    """Lightning restores the batch progress; the epoch yields only its remaining batches and the RNGs are rewound
+    past Lightning's one-batch prefetch, so the resumed run draws exactly the batches the stopped one would have."""
+    import signal
+
+    import lightning.pytorch as pl
+
+    from resenc_lightning.cli import fit
+
+    class SigtermAtStep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def args(folder, *extra):
+        return tiny_args(folder, "--seed", "5", "--deterministic", "true", "--model.num_epochs", "2", *QUIET, *extra,
+                         epochs=2, iters=5, val_iters=1)
+
+    reference = build_cli(args(tmp_path / "a"))
+    fit(reference, None)
+    stopped = build_cli(args(tmp_path / "b"))
+    stopped.trainer.callbacks.append(SigtermAtStep())
+    with pytest.raises(SystemExit) as e:
+        fit(stopped, None)
+    assert e.value.code == 128 + signal.SIGTERM
+    last = stopped.checkpoint_dir / "last.ckpt"
+    mid = torch.load(last, map_location="cpu", weights_only=False)
+    assert mid["global_step"] == 7 and mid["epoch"] == 1
+    resumed = build_cli(args(tmp_path / "b", "--resume", "true"))
+    fit(resumed, resumed.resolve_ckpt_path())
+    a = torch.load(reference.checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(last, map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 10
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for x, y in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
+    log_a, log_b = a["nnunet"]["logging"], b["nnunet"]["logging"]
+    assert log_a["val_losses"] == log_b["val_losses"] and log_a["lrs"] == log_b["lrs"]
+    # the stopped epoch's logged train loss averages only the batches after the resume (documented)
+    assert log_a["train_losses"][0] == log_b["train_losses"][0] and len(log_b["train_losses"]) == 2

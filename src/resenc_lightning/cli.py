@@ -181,9 +181,10 @@ class ResEncLightningCLI(LightningCLI):
                             enable_version_counter=False, save_on_train_epoch_end=True),
             ModelCheckpoint(dirpath=self.checkpoint_dir, filename="best", monitor="ema_fg_dice", mode="max",
                             save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True),
+            # mode="max" (unused without a monitor) keeps its state key distinct from last's when --save_every 1
             ModelCheckpoint(dirpath=self.checkpoint_dir, filename="epoch_{epoch:04d}", auto_insert_metric_name=False,
-                            every_n_epochs=save_every, save_top_k=-1, monitor=None, enable_version_counter=False,
-                            save_on_train_epoch_end=True),
+                            every_n_epochs=save_every, save_top_k=-1, monitor=None, mode="max",
+                            enable_version_counter=False, save_on_train_epoch_end=True),
             RNGStateCheckpoint(),
             GracefulStop(self.checkpoint_dir / LAST_CHECKPOINT),
         ]

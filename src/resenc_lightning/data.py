@@ -9,6 +9,7 @@ Lightning has set the rank's device, and seeded workers.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from resenc_lightning import recipe
+from resenc_lightning.callbacks.rng_state import collect_rng_states, set_rng_states
 from resenc_lightning.data_checks import check_network_class, check_preprocessed_data
 from resenc_lightning.orphans import die_with_parent
 from resenc_lightning.plans import RunSpec, resolve_run
@@ -30,18 +32,34 @@ NNUNET_VAL_ITERATIONS = 50
 
 
 class EpochBatches:
-    """A finite, sized view (one epoch) of nnU-Net's infinite augmenter; Lightning iterates it per epoch."""
+    """A finite, sized view (one epoch) of nnU-Net's infinite augmenter; Lightning iterates it per epoch.
 
-    def __init__(self, source: Any, num_batches: int) -> None:
+    `already_done()` says how many of this epoch's batches a mid-epoch checkpoint already trained on; a resumed
+    epoch then yields only the rest. For the in-process augmenter (global RNGs) the RNG state before the latest
+    draw is kept, so a stop can rewind Lightning's one-batch prefetch and the resumed run draws that batch again.
+    """
+
+    def __init__(self, source: Any, num_batches: int, already_done: Callable[[], int] | None = None) -> None:
         self.source = source
         self.num_batches = num_batches
+        self.already_done = already_done
+        self._rng_before_last_draw: dict | None = None
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self):
-        for _ in range(self.num_batches):
+        skip = self.already_done() if self.already_done is not None else 0
+        in_process = isinstance(self.source, SingleThreadedAugmenter)
+        for _ in range(self.num_batches - skip):
+            if in_process:
+                self._rng_before_last_draw = collect_rng_states()
             yield next(self.source)
+
+    def rewind_prefetch(self) -> None:
+        """Put the global RNGs back to before the last (prefetched, not yet trained on) batch."""
+        if self._rng_before_last_draw is not None:
+            set_rng_states(self._rng_before_last_draw)
 
 
 def shutdown_augmenter(augmenter: Any) -> None:
@@ -167,7 +185,15 @@ class NnUNetDataModule(pl.LightningDataModule):
         # Called by Lightning after the rank's device is set: the pin-memory thread binds to it.
         if self._train_augmenter is None:
             self._train_augmenter = self._augmenter(self._dl_train, train=True)
-        return EpochBatches(self._train_augmenter, self.num_iterations_per_epoch)
+        return EpochBatches(self._train_augmenter, self.num_iterations_per_epoch, self._batches_done_this_epoch)
+
+    def _batches_done_this_epoch(self) -> int:
+        """At a mid-epoch resume: the batches of the epoch the checkpoint had trained on (else 0)."""
+        loop = self.trainer.fit_loop.epoch_loop if self.trainer is not None else None
+        if loop is None or not loop.restarting:
+            return 0
+        done = int(loop.batch_progress.current.completed)
+        return done if done < self.num_iterations_per_epoch else 0
 
     def val_dataloader(self) -> EpochBatches:
         if self._val_augmenter is None:
