@@ -106,7 +106,7 @@ def test_seed_and_deterministic_flags_reach_lightning(tiny_dataset, results_dir)
 
 def test_sigterm_mid_epoch_then_resume_ends_bit_identical_to_an_uninterrupted_run(tiny_dataset, tmp_path):
     """Lightning restores the batch progress; the epoch yields only its remaining batches and the RNGs are rewound
-    past Lightning's one-batch prefetch, so the resumed run draws exactly the batches the stopped one would have."""
+    past any batch fetched but not trained on, so the resumed run draws the batches the stopped one would have."""
     import signal
 
     import lightning.pytorch as pl

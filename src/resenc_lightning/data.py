@@ -35,15 +35,17 @@ class EpochBatches:
     """A finite, sized view (one epoch) of nnU-Net's infinite augmenter; Lightning iterates it per epoch.
 
     `already_done()` says how many of this epoch's batches a mid-epoch checkpoint already trained on; a resumed
-    epoch then yields only the rest. For the in-process augmenter (global RNGs) the RNG state before the latest
-    draw is kept, so a stop can rewind Lightning's one-batch prefetch and the resumed run draws that batch again.
+    epoch then yields only the rest. For the in-process augmenter (global RNGs) the RNG states before the last two
+    draws are kept, so a stop can rewind a batch that was fetched but not trained on (a prefetch) and the resumed
+    run draws it again.
     """
 
     def __init__(self, source: Any, num_batches: int, already_done: Callable[[], int] | None = None) -> None:
         self.source = source
         self.num_batches = num_batches
         self.already_done = already_done
-        self._rng_before_last_draw: dict | None = None
+        self._drawn = 0
+        self._rng_before: dict[int, dict] = {}
 
     def __len__(self) -> int:
         return self.num_batches
@@ -51,15 +53,19 @@ class EpochBatches:
     def __iter__(self):
         skip = self.already_done() if self.already_done is not None else 0
         in_process = isinstance(self.source, SingleThreadedAugmenter)
+        self._drawn, self._rng_before = skip, {}
         for _ in range(self.num_batches - skip):
             if in_process:
-                self._rng_before_last_draw = collect_rng_states()
-            yield next(self.source)
+                self._rng_before = {i: s for i, s in self._rng_before.items() if i >= self._drawn - 1}
+                self._rng_before[self._drawn] = collect_rng_states()
+            batch = next(self.source)
+            self._drawn += 1
+            yield batch
 
-    def rewind_prefetch(self) -> None:
-        """Put the global RNGs back to before the last (prefetched, not yet trained on) batch."""
-        if self._rng_before_last_draw is not None:
-            set_rng_states(self._rng_before_last_draw)
+    def rewind_to(self, trained: int) -> None:
+        """Put the global RNGs back to before batch `trained` of this epoch if it was fetched but not trained on."""
+        if self._drawn > trained and trained in self._rng_before:
+            set_rng_states(self._rng_before[trained])
 
 
 def shutdown_augmenter(augmenter: Any) -> None:

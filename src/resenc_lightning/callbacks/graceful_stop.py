@@ -60,9 +60,9 @@ class GracefulStop(pl.Callback):
         self._restore()
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
             return
-        rewind = getattr(trainer.train_dataloader, "rewind_prefetch", None)
-        if callable(rewind):
-            rewind()  # the RNGs saved must be those of the first batch not trained on (undo Lightning's prefetch)
+        rewind = getattr(trainer.train_dataloader, "rewind_to", None)
+        if callable(rewind):  # the RNGs saved must be those of the first batch not trained on (undo any prefetch)
+            rewind(int(trainer.fit_loop.epoch_loop.batch_progress.current.completed))
         trainer.save_checkpoint(self.checkpoint_path)
         self.saved_at_step = trainer.global_step
         rank_zero_info(f"Saved {self.checkpoint_path} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
