@@ -158,11 +158,11 @@ def test_kill_9_leaves_no_augmentation_workers(tiny_dataset, tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM])
 def test_sigterm_saves_the_current_step_stops_workers_and_resume_finishes_the_epoch(tiny_dataset, tmp_path, signum):
-    epochs, iters = 2, 40
+    epochs, iters = 2, 24
     proc = spawn(tmp_path, epochs=epochs, iters=iters, env={"nnUNet_n_proc_DA": "2"})
     last = tmp_path / FOLD / "checkpoints" / "last.ckpt"
     assert wait_for(last.exists, 240, proc), log_of(tmp_path)
-    time.sleep(1.0)  # into epoch 1's steps
+    time.sleep(0.6)  # into epoch 1's steps
     workers = descendants(proc.pid)
     assert workers, "expected augmentation worker processes"
     proc.send_signal(signum)

@@ -145,3 +145,28 @@ def test_sigterm_mid_epoch_then_resume_ends_bit_identical_to_an_uninterrupted_ru
     assert log_a["val_losses"] == log_b["val_losses"] and log_a["lrs"] == log_b["lrs"]
     # the stopped epoch's logged train loss averages only the batches after the resume (documented)
     assert log_a["train_losses"][0] == log_b["train_losses"][0] and len(log_b["train_losses"]) == 2
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGUSR1"])
+def test_first_ctrl_c_and_sigusr1_stop_like_sigterm(tiny_dataset, results_dir, signame):
+    import signal
+
+    import lightning.pytorch as pl
+
+    from resenc_lightning.cli import fit
+
+    signum = getattr(signal, signame)
+    before = signal.getsignal(signum)
+
+    class SignalAtStep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signum)
+
+    cli = build_cli(tiny_args(results_dir, *QUIET, epochs=1, iters=5, val_iters=1))
+    cli.trainer.callbacks.append(SignalAtStep())
+    with pytest.raises(SystemExit) as e:
+        fit(cli, None)
+    assert e.value.code == 128 + signum
+    assert torch.load(cli.checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 2
+    assert signal.getsignal(signum) == before  # our handler is removed again
