@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 from conftest import TINY_ID, TINY_NAME, TINY_PLANS, tiny_args
@@ -125,3 +127,151 @@ def test_too_few_cases_for_five_folds(nnunet_env):
     with pytest.raises(RunSpecError, match="3 preprocessed cases, too few for nnU-Net's 5-fold split; use --fold all"):
         resolve_run("nnUNetResEncUNetLPlans", 558, "3d_fullres", 0)
     assert resolve_run("nnUNetResEncUNetLPlans", 558, "3d_fullres", "all").fold == "all"
+
+
+# -- reliability catalogue (issue 7): data, network, memory, resume and config mistakes ------------------------------
+@pytest.fixture()
+def bad_copy(tiny_dataset, request):
+    """A copy of the tiny dataset's 3d_fullres data under a new ID, for a test to break (removed afterwards)."""
+    new_id = 600 + sum(map(ord, request.node.name)) % 300
+    target = tiny_dataset.parent / f"Dataset{new_id}_Broken"
+    shutil.copytree(tiny_dataset, target, ignore=shutil.ignore_patterns("nnUNetPlans_2d", "gt_segmentations"))
+    yield target
+    shutil.rmtree(target, ignore_errors=True)
+
+
+def args_for(folder, results_dir, *extra):
+    args = tiny_args(results_dir, *extra)
+    args[args.index("--dataset") + 1] = folder.name
+    return args
+
+
+def case_data(folder) -> Path:
+    return folder / "nnUNetPlans_3d_fullres"
+
+
+def rewrite_b2nd(path: Path, change) -> None:
+    import blosc2
+    import numpy as np
+
+    array = np.ascontiguousarray(blosc2.open(str(path))[:])
+    change(array)
+    path.unlink()
+    blosc2.asarray(array, urlpath=str(path), mode="w")
+
+
+def assert_nothing_written(results_dir) -> None:
+    assert not results_dir.exists()
+
+
+def test_plans_without_configurations_or_architecture(tiny_dataset, results_dir):
+    plans = json.loads((tiny_dataset / f"{TINY_PLANS}.json").read_text())
+    broken = tiny_dataset / "nnUNetResEncUNetLPlans_noarch.json"
+    del plans["configurations"]["3d_fullres"]["architecture"]
+    broken.write_text(json.dumps(plans))
+    with pytest.raises(RunSpecError, match="has no 'architecture' key; regenerate"):
+        resolve_run(broken.stem, TINY_ID, "3d_fullres", 0)
+    del plans["configurations"]
+    broken.write_text(json.dumps(plans))
+    with pytest.raises(RunSpecError, match="has no 'configurations' key; regenerate"):
+        resolve_run(broken.stem, TINY_ID, "3d_fullres", 0)
+    broken.unlink()
+
+
+def test_unknown_network_class(tiny_dataset, results_dir):
+    plans = json.loads((tiny_dataset / f"{TINY_PLANS}.json").read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "my_lab.nets.NoSuchUNet"
+    other = tiny_dataset / "nnUNetResEncUNetLPlans_nosuchnet.json"
+    other.write_text(json.dumps(plans))
+    args = tiny_args(results_dir)
+    args[args.index("--plans") + 1] = other.stem
+    msg = error_of(args)
+    other.unlink()
+    assert "network class 'my_lab.nets.NoSuchUNet'" in msg and "cannot be imported" in msg
+    assert_nothing_written(results_dir)
+
+
+def test_missing_case_file(bad_copy, results_dir):
+    (case_data(bad_copy) / "case_004_seg.b2nd").unlink()
+    msg = error_of(args_for(bad_copy, results_dir))
+    assert "preprocessed case 'case_004' has no case_004_seg.b2nd" in msg and "nnUNetv2_preprocess -d" in msg
+    assert_nothing_written(results_dir)
+
+
+def test_unreadable_case_file(bad_copy, results_dir):
+    (case_data(bad_copy) / "case_006.b2nd").write_bytes(b"not blosc2 at all")
+    msg = error_of(args_for(bad_copy, results_dir))
+    assert "preprocessed case 'case_006'" in msg and "cannot be read" in msg
+    assert_nothing_written(results_dir)
+
+
+def test_label_value_not_in_dataset_json(bad_copy, results_dir):
+    rewrite_b2nd(case_data(bad_copy) / "case_005_seg.b2nd", lambda seg: seg.__setitem__((0, 0, 0, 0), 7))
+    msg = error_of(args_for(bad_copy, results_dir))
+    assert "preprocessed case 'case_005' has label values [7]" in msg and "dataset.json" in msg
+    assert_nothing_written(results_dir)
+
+
+def test_nan_in_preprocessed_image(bad_copy, results_dir):
+    rewrite_b2nd(case_data(bad_copy) / "case_000.b2nd", lambda data: data.__setitem__((0, 1, 1, 1), float("nan")))
+    msg = error_of(args_for(bad_copy, results_dir))
+    assert "preprocessed case 'case_000' contains NaN voxels" in msg
+    assert_nothing_written(results_dir)
+
+
+def test_channel_count_differs_from_dataset_json(bad_copy, results_dir):
+    dataset_json = json.loads((bad_copy / "dataset.json").read_text())
+    dataset_json["channel_names"] = {"0": "CT", "1": "PET"}
+    (bad_copy / "dataset.json").write_text(json.dumps(dataset_json))
+    msg = error_of(args_for(bad_copy, results_dir))
+    assert "has 1 image channels but dataset.json's channel_names lists 2" in msg
+    assert_nothing_written(results_dir)
+
+
+def test_patch_larger_than_every_case(tiny_dataset, results_dir):
+    plans = json.loads((tiny_dataset / f"{TINY_PLANS}.json").read_text())
+    plans["configurations"]["3d_fullres"]["patch_size"] = [64, 16, 16]
+    other = tiny_dataset / "nnUNetResEncUNetLPlans_bigpatch.json"
+    other.write_text(json.dumps(plans))
+    args = tiny_args(results_dir)
+    args[args.index("--plans") + 1] = other.stem
+    msg = error_of(args)
+    other.unlink()
+    assert "patch size [64, 16, 16]" in msg and "larger than every preprocessed case along axis [0]" in msg
+    assert_nothing_written(results_dir)
+
+
+def test_memory_target_larger_than_the_card():
+    from types import SimpleNamespace
+
+    import torch
+
+    from resenc_lightning.callbacks.memory_cap import CudaMemoryCap, MemoryTargetError
+
+    cap = CudaMemoryCap(target_gb=100)
+    cap._cuda = SimpleNamespace(get_device_properties=lambda i: SimpleNamespace(total_memory=80 * 1024**3),
+                                current_device=lambda: 0)
+    with pytest.raises(MemoryTargetError, match=r"--memory_cap.target_gb 100 is larger than this 80.0 GB card .*"
+                                                r"use at most 72.0"):
+        cap.apply(torch.device("cuda", 0), 100.0, "explicit target_gb", {}, TINY_ID)
+    assert cap.decision is None
+
+
+def test_resume_with_a_checkpoint_of_another_fold(tiny_dataset, results_dir):
+    import torch
+
+    cli = build_cli(tiny_args(results_dir))
+    cli.checkpoint_dir.mkdir(parents=True)
+    foreign = {"dataset_name": TINY_NAME, "plans_identifier": TINY_PLANS, "configuration": "3d_fullres", "fold": 1}
+    torch.save({"state_dict": {}, "epoch": 3, "global_step": 30, "nnunet": foreign}, cli.checkpoint_dir / "last.ckpt")
+    msg = error_of(tiny_args(results_dir, "--resume", "true"))
+    assert "was trained on Dataset555_Tiny/nnUNetResEncUNetLPlans_tiny/3d_fullres/1 but this run is" in msg
+    assert msg.endswith("start a new run in another folder.")
+
+
+def test_config_with_an_unknown_key(tiny_dataset, results_dir, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("trainer:\n  max_epochz: 3\n")
+    msg = error_of(["--config", str(config), *tiny_args(results_dir)])
+    assert "does not accept option 'max_epochz'" in msg and "python train.py --help" in msg
+    assert_nothing_written(results_dir)

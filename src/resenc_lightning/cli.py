@@ -9,6 +9,7 @@ folder, the forced callbacks and `--resume`.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,17 +20,22 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from resenc_lightning import demo
+from resenc_lightning.atomic import AtomicCheckpointIO, CheckpointWriteError, atomic_save, remove_stale_temporaries
 from resenc_lightning.callbacks.cudnn_pinning import CudnnPinning
 from resenc_lightning.callbacks.epoch_timing import EpochTiming
 from resenc_lightning.callbacks.gpu_monitor import GpuMonitor
-from resenc_lightning.callbacks.memory_cap import CudaMemoryCap
+from resenc_lightning.callbacks.graceful_stop import GracefulStop
+from resenc_lightning.callbacks.memory_cap import CudaMemoryCap, MemoryTargetError
 from resenc_lightning.callbacks.nnunet_export import NnUNetExport
 from resenc_lightning.callbacks.rng_state import RNGStateCheckpoint
 from resenc_lightning.data import NnUNetDataModule
 from resenc_lightning.module import ResEncUNetModule
 from resenc_lightning.plans import RunSpec, RunSpecError
+from resenc_lightning.resume import CheckpointError, choose_resume_checkpoint
 
 #: nnUNetTrainer's loop settings expressed as Trainer defaults (each overridable with --trainer.*).
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -84,6 +90,11 @@ class ResEncLightningCLI(LightningCLI):
         parser.add_argument("--resume_from_nnunet", type=str | None, default=None,
                             help="Continue a native nnU-Net run from its checkpoint_latest/final.pth (weights, optimizer, "
                                  "epoch, EMA/best, logging), with our callbacks; loaded on the CPU.")
+        parser.add_argument("--seed", type=int | None, default=None,
+                            help="Seed everything (alias of --seed_everything; also seeds the augmentation workers).")
+        parser.add_argument("--deterministic", type=bool, default=False,
+                            help="Deterministic algorithms (alias of --trainer.deterministic true): with --seed and "
+                                 "nnUNet_n_proc_DA=0 a CPU run repeats bit for bit, across kill -9 and --resume too.")
         parser.add_argument("--require_exclusive_gpu", type=bool, default=False,
                             help="Refuse to train when other processes use the GPU (see --gpu_monitor.*).")
         # The stable-epoch callbacks: on by default, each switchable off (--<name>.enabled false).
@@ -98,7 +109,20 @@ class ResEncLightningCLI(LightningCLI):
         parser.link_arguments("data.spec", "model.spec", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
+        from jsonargparse import ArgumentError
+
+        parser.exit_on_error = False  # one line instead of the full usage text
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            message = " ".join(str(e).split())
+            raise UsageError(f"{message}; see `python train.py --help` for the accepted options "
+                             f"(or `--print_config` for a valid config).") from None
+        # before LightningCLI seeds (it reads seed_everything right after parsing)
+        if self.config.get("seed") is not None:
+            self.config["seed_everything"] = self.config["seed"]
+        if self.config.get("deterministic"):
+            self.config.trainer.deterministic = True
         if self.config.get("dataset") is None:
             print(f"resenc-lightning: no --dataset given, training the embedded demo dataset "
                   f"({demo.DEMO_DATASET_NAME}, plans {self.config.get('plans')}).", flush=True)
@@ -134,6 +158,11 @@ class ResEncLightningCLI(LightningCLI):
             else:
                 config["enable_progress_bar"] = False  # plain per-epoch lines in CI / SLURM logs
         config["callbacks"] = callbacks
+        plugins = config.get("plugins")
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins] if plugins is not None else []
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())  # a crash mid-save never leaves a truncated .ckpt
+        config["plugins"] = plugins
         return self._instantiate_trainer(config, extra + self.forced_callbacks())
 
     # -- helpers -----------------------------------------------------------------------------------------
@@ -154,10 +183,12 @@ class ResEncLightningCLI(LightningCLI):
                             enable_version_counter=False, save_on_train_epoch_end=True),
             ModelCheckpoint(dirpath=self.checkpoint_dir, filename="best", monitor="ema_fg_dice", mode="max",
                             save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True),
+            # mode="max" (unused without a monitor) keeps its state key distinct from last's when --save_every 1
             ModelCheckpoint(dirpath=self.checkpoint_dir, filename="epoch_{epoch:04d}", auto_insert_metric_name=False,
-                            every_n_epochs=save_every, save_top_k=-1, monitor=None, enable_version_counter=False,
-                            save_on_train_epoch_end=True),
+                            every_n_epochs=save_every, save_top_k=-1, monitor=None, mode="max",
+                            enable_version_counter=False, save_on_train_epoch_end=True),
             RNGStateCheckpoint(),
+            GracefulStop(self.checkpoint_dir / LAST_CHECKPOINT),
         ]
 
     def import_native_checkpoint(self, path: str, ckpt_path: str | None) -> str:
@@ -180,9 +211,20 @@ class ResEncLightningCLI(LightningCLI):
             raise UsageError(str(e)) from None
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         target = self.checkpoint_dir / "imported_from_nnunet.ckpt"
-        torch.save(checkpoint, target)
+        atomic_save(checkpoint, target)
         print(f"Resuming the native nnU-Net run {path} at epoch {native['current_epoch']}", flush=True)
         return str(target)
+
+    def check_checkpoint_matches_run(self, path: Path, state: dict) -> None:
+        """The module's on_load_checkpoint check, as a one-line error before any GPU work."""
+        spec = self.datamodule.spec
+        ours = (spec.dataset_name, spec.plans_identifier, spec.configuration, str(spec.fold))
+        theirs = (state.get("dataset_name"), state.get("plans_identifier"), state.get("configuration"),
+                  str(state.get("fold")))
+        if state and ours != theirs:
+            raise UsageError(f"--resume checkpoint {path} was trained on {'/'.join(map(str, theirs))} but this run is "
+                             f"{'/'.join(ours)}; resume with the same --dataset/--plans/--configuration/--fold or "
+                             f"start a new run in another folder.")
 
     def load_weights_for_validation(self) -> str:
         name = "best.ckpt" if self.config.get("val_best") else LAST_CHECKPOINT
@@ -209,16 +251,31 @@ class ResEncLightningCLI(LightningCLI):
 
     def resolve_ckpt_path(self) -> str | None:
         last = self.checkpoint_dir / LAST_CHECKPOINT
+        folder = self.output_folder
+        for stale in remove_stale_temporaries(self.checkpoint_dir, folder, folder.parent):
+            print(f"Removed {stale}, left by an interrupted write.", flush=True)
         requeued = self.slurm_requeue_checkpoint()
         if requeued is not None:
             if self.trainer.is_global_zero:
                 print(f"SLURM job {os.environ.get('SLURM_JOB_ID', '?')} requeued: resuming from {requeued}", flush=True)
-            return str(requeued)
+            if requeued.name != LAST_CHECKPOINT:
+                return str(requeued)
+            self.resume = True  # last.ckpt is newer: resume as --resume does (with its fallback to an intact one)
         if self.resume:
-            if not last.is_file():
+            if not self.checkpoint_dir.is_dir() or not any(self.checkpoint_dir.glob("*.ckpt")):
                 raise UsageError(f"--resume given but there is no checkpoint at {last}; run without --resume to "
                                  f"start this fold.")
-            return str(last)
+            try:
+                chosen, problems = choose_resume_checkpoint(self.checkpoint_dir, LAST_CHECKPOINT)
+            except CheckpointError as e:
+                raise UsageError(str(e)) from None
+            for problem in problems:
+                print(f"error: {problem}", flush=True)
+            if problems:
+                print(f"Resuming from the newest intact checkpoint {chosen.path} (epoch {chosen.epoch}, step "
+                      f"{chosen.global_step}).", flush=True)
+            self.check_checkpoint_matches_run(chosen.path, chosen.nnunet)
+            return str(chosen.path)
         if self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.glob("*.ckpt")):
             raise UsageError(f"{self.checkpoint_dir} already holds checkpoints; add --resume to continue that run, "
                              f"or pass another --fold / --data.trainer_name (nothing was overwritten).")
@@ -278,6 +335,35 @@ def build_cli(args: list[str] | None = None) -> ResEncLightningCLI:
     )
 
 
+def _signal_exit_code(signum: int | None) -> int:
+    """The shell's 128 + signal number, so a script tells "stopped, resumable" from finished (0) and failed (1)."""
+    return 128 + int(signum or signal.SIGTERM)
+
+
+def fit(cli: ResEncLightningCLI, ckpt_path: str | None) -> None:
+    """trainer.fit with the faults a user can act on turned into one-line errors."""
+    trainer = cli.trainer
+    try:
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
+        signum = stop.received if stop is not None else None
+        print(f"Stopped by {signal.Signals(signum or signal.SIGTERM).name} at epoch {trainer.current_epoch}, step "
+              f"{trainer.global_step}; {cli.checkpoint_dir / LAST_CHECKPOINT} holds it, continue with --resume.",
+              flush=True)
+        raise SystemExit(_signal_exit_code(signum)) from None
+    except CheckpointWriteError as e:
+        raise UsageError(str(e.strerror or e)) from None
+    except MemoryTargetError as e:
+        raise UsageError(str(e)) from None
+    except torch.OutOfMemoryError:
+        if trainer.global_step > 0:
+            raise
+        from resenc_lightning.oom import first_step_oom_message
+
+        raise UsageError(first_step_oom_message(cli.datamodule.spec, trainer.strategy.root_device)) from None
+
+
 def main(args: list[str] | None = None) -> Path | None:
     cli = build_cli(args)
     if cli.config.get("memcheck"):
@@ -307,7 +393,7 @@ def main(args: list[str] | None = None) -> Path | None:
         except NnUNetImportError as e:
             raise UsageError(str(e)) from None
         print(f"Initialised {len(copied)} weights from {cli.config['init_from_nnunet']}", flush=True)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    fit(cli, ckpt_path)
     if cli.config.get("final_validation") and not cli.trainer.interrupted:
         validate(cli, "the trained network")
     out = cli.output_folder

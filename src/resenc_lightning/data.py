@@ -9,6 +9,7 @@ Lightning has set the rank's device, and seeded workers.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from resenc_lightning import recipe
+from resenc_lightning.callbacks.rng_state import collect_rng_states, set_rng_states
+from resenc_lightning.data_checks import check_network_class, check_preprocessed_data
+from resenc_lightning.orphans import die_with_parent
 from resenc_lightning.plans import RunSpec, resolve_run
 
 #: nnU-Net's schedule (nnUNetTrainer.__init__).
@@ -28,18 +32,40 @@ NNUNET_VAL_ITERATIONS = 50
 
 
 class EpochBatches:
-    """A finite, sized view (one epoch) of nnU-Net's infinite augmenter; Lightning iterates it per epoch."""
+    """A finite, sized view (one epoch) of nnU-Net's infinite augmenter; Lightning iterates it per epoch.
 
-    def __init__(self, source: Any, num_batches: int) -> None:
+    `already_done()` says how many of this epoch's batches a mid-epoch checkpoint already trained on; a resumed
+    epoch then yields only the rest. For the in-process augmenter (global RNGs) the RNG states before the last two
+    draws are kept, so a stop can rewind a batch that was fetched but not trained on (a prefetch) and the resumed
+    run draws it again.
+    """
+
+    def __init__(self, source: Any, num_batches: int, already_done: Callable[[], int] | None = None) -> None:
         self.source = source
         self.num_batches = num_batches
+        self.already_done = already_done
+        self._drawn = 0
+        self._rng_before: dict[int, dict] = {}
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self):
-        for _ in range(self.num_batches):
-            yield next(self.source)
+        skip = self.already_done() if self.already_done is not None else 0
+        in_process = isinstance(self.source, SingleThreadedAugmenter)
+        self._drawn, self._rng_before = skip, {}
+        for _ in range(self.num_batches - skip):
+            if in_process:
+                self._rng_before = {i: s for i, s in self._rng_before.items() if i >= self._drawn - 1}
+                self._rng_before[self._drawn] = collect_rng_states()
+            batch = next(self.source)
+            self._drawn += 1
+            yield batch
+
+    def rewind_to(self, trained: int) -> None:
+        """Put the global RNGs back to before batch `trained` of this epoch if it was fetched but not trained on."""
+        if self._drawn > trained and trained in self._rng_before:
+            set_rng_states(self._rng_before[trained])
 
 
 def shutdown_augmenter(augmenter: Any) -> None:
@@ -97,6 +123,8 @@ class NnUNetDataModule(pl.LightningDataModule):
             plans, dataset, configuration or "3d_fullres", fold, trainer_name=trainer_name,
             results_root=Path(results_dir) if results_dir else None,
         )
+        check_network_class(self.spec)
+        check_preprocessed_data(self.spec)  # seconds now instead of a crash hours into the run
         self.num_iterations_per_epoch = num_iterations_per_epoch or NNUNET_TRAIN_ITERATIONS
         self.num_val_iterations_per_epoch = num_val_iterations_per_epoch or NNUNET_VAL_ITERATIONS
         self.oversample_foreground_percent = oversample_foreground_percent
@@ -149,6 +177,7 @@ class NnUNetDataModule(pl.LightningDataModule):
         n = self.workers()
         if n == 0:
             return SingleThreadedAugmenter(loader, None)
+        die_with_parent(loader)  # a kill -9 of the trainer must not leave workers behind
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         num_processes = n if train else max(1, n // 2)
         cached = max(6, n // 2) if train else max(3, n // 4)
@@ -162,12 +191,24 @@ class NnUNetDataModule(pl.LightningDataModule):
         # Called by Lightning after the rank's device is set: the pin-memory thread binds to it.
         if self._train_augmenter is None:
             self._train_augmenter = self._augmenter(self._dl_train, train=True)
-        return EpochBatches(self._train_augmenter, self.num_iterations_per_epoch)
+        return EpochBatches(self._train_augmenter, self.num_iterations_per_epoch, self._batches_done_this_epoch)
+
+    def _batches_done_this_epoch(self) -> int:
+        """At a mid-epoch resume: the batches of the epoch the checkpoint had trained on (else 0)."""
+        loop = self.trainer.fit_loop.epoch_loop if self.trainer is not None else None
+        if loop is None or not loop.restarting:
+            return 0
+        done = int(loop.batch_progress.current.completed)
+        return done if done < self.num_iterations_per_epoch else 0
 
     def val_dataloader(self) -> EpochBatches:
         if self._val_augmenter is None:
             self._val_augmenter = self._augmenter(self._dl_val, train=False)
         return EpochBatches(self._val_augmenter, self.num_val_iterations_per_epoch)
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Lightning skips teardown when fit ends by an exception (SIGTERM stop, OOM, ...): stop the workers here."""
+        self.teardown("fit")
 
     def teardown(self, stage: str | None = None) -> None:
         for attr in ("_train_augmenter", "_val_augmenter"):

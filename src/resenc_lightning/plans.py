@@ -124,7 +124,7 @@ def _check_configuration(plans: dict, configuration: str, plans_file: Path) -> N
         raise RunSpecError(
             f"configuration {configuration!r} is not in {plans_file.name}; available: {', '.join(available)}."
         )
-    resolved = PlansManager(plans).get_configuration(configuration).configuration
+    resolved = _resolve_inheritance(plans, configuration)
     for key in REQUIRED_CONFIGURATION_KEYS:
         if key not in resolved:
             raise RunSpecError(
@@ -137,6 +137,18 @@ def _check_configuration(plans: dict, configuration: str, plans_file: Path) -> N
                 f"configuration {configuration!r} in {plans_file} has no 'architecture.{key}' key; regenerate "
                 f"the plans with nnUNetv2_plan_experiment."
             )
+
+
+def _resolve_inheritance(plans: dict, configuration: str, seen: tuple[str, ...] = ()) -> dict:
+    """nnunetv2's `inherits_from` resolution (shallow update), on the raw dict so a missing key gets our message."""
+    raw = plans["configurations"][configuration]
+    parent = raw.get("inherits_from")
+    if parent is None:
+        return dict(raw)
+    if parent not in plans["configurations"] or parent in seen:
+        raise RunSpecError(f"configuration {configuration!r} inherits from {parent!r}, which is missing or circular; "
+                           f"fix inherits_from in the plans.")
+    return {**_resolve_inheritance(plans, parent, (*seen, configuration)), **raw}
 
 
 def _check_fold(fold: int | str, preprocessed_base: Path) -> int | str:

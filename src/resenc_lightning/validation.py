@@ -21,6 +21,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from resenc_lightning import recipe
+from resenc_lightning.atomic import atomic_write_text
 from resenc_lightning.plans import RunSpec
 
 
@@ -96,7 +97,7 @@ def write_surface_summary(spec: RunSpec, validation_folder: Path, tolerance_mm: 
     for c in map(str, classes):
         mean[c] = {m: _nanmean([case["metrics"][c][m] for case in per_case]) for m in ("HD95", "NSD")}
     out = validation_folder / "summary_surface.json"
-    out.write_text(json.dumps({"tolerance_mm": tolerance_mm, "metric_per_case": per_case, "mean": mean}, indent=2))
+    atomic_write_text(out, json.dumps({"tolerance_mm": tolerance_mm, "metric_per_case": per_case, "mean": mean}, indent=2))
     return out
 
 

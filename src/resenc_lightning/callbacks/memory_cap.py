@@ -33,6 +33,10 @@ PLANNER_TARGETS_GB = {"nnUNetPlannerResEncM": 8.0, "nnUNetPlannerResEncL": 24.0,
 _NAME_TARGET = re.compile(r"_(\d+(?:\.\d+)?)\s*G(?:B)?(?:_|$)", re.IGNORECASE)
 
 
+class MemoryTargetError(ValueError):
+    """An explicit memory target the card cannot hold (a user error, reported in one line)."""
+
+
 @dataclass
 class CapDecision:
     total_gb: float
@@ -135,6 +139,11 @@ class CudaMemoryCap(pl.Callback):
         index = device.index if device.index is not None else self._cuda.current_device()
         total = self._cuda.get_device_properties(index).total_memory
         d = decide_cap(total, target_gb, source, self.headroom_fraction, self.min_headroom_gb)
+        if source == "explicit target_gb" and target_gb > d.total_gb:
+            raise MemoryTargetError(
+                f"--memory_cap.target_gb {target_gb:g} is larger than this {d.total_gb:.1f} GB card ({device}); use at "
+                f"most {d.max_fit_gb:.1f} (the card less headroom) or drop it to use the plans' target."
+            )
         self.decision = d
         if not d.fits:
             self.warning = (

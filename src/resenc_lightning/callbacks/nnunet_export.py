@@ -11,23 +11,15 @@ and call (`build_network_architecture`) we train with.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from resenc_lightning.atomic import atomic_copy, atomic_save
+
 NNUNET_TRAINER_CLASS = "nnUNetTrainer"
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file and rename, so an interrupted save never leaves a truncated checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class NnUNetExport(pl.Callback):
@@ -63,9 +55,7 @@ class NnUNetExport(pl.Callback):
         for name, source in (("plans.json", spec.plans_file), ("dataset.json", spec.preprocessed_base / "dataset.json"),
                              ("dataset_fingerprint.json", spec.preprocessed_base / "dataset_fingerprint.json")):
             if Path(source).is_file():
-                tmp = base / f".{name}.tmp"
-                shutil.copyfile(source, tmp)
-                os.replace(tmp, base / name)
+                atomic_copy(source, base / name)
 
     def checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """nnUNetTrainer.save_checkpoint's dictionary, from our module and Lightning's optimizer/scaler."""
@@ -91,10 +81,10 @@ class NnUNetExport(pl.Callback):
         ckpt = None
         if self.write_latest:
             ckpt = self.checkpoint(trainer, pl_module)
-            atomic_torch_save(ckpt, fold / "checkpoint_latest.pth")
+            atomic_save(ckpt, fold / "checkpoint_latest.pth")
         best = pl_module.best_ema
         if best is not None and (self._exported_best is None or best > self._exported_best):
-            atomic_torch_save(ckpt or self.checkpoint(trainer, pl_module), fold / "checkpoint_best.pth")
+            atomic_save(ckpt or self.checkpoint(trainer, pl_module), fold / "checkpoint_best.pth")
             self._exported_best = best
             rank_zero_info(f"nnU-Net export: new best EMA pseudo Dice {best:.4f} -> checkpoint_best.pth")
         if self.plot_progress:
@@ -106,7 +96,7 @@ class NnUNetExport(pl.Callback):
         fold = self._fold_folder(pl_module)
         ckpt = self.checkpoint(trainer, pl_module)
         ckpt["current_epoch"] = trainer.current_epoch  # the loop already advanced past the last epoch
-        atomic_torch_save(ckpt, fold / "checkpoint_final.pth")
+        atomic_save(ckpt, fold / "checkpoint_final.pth")
         latest = fold / "checkpoint_latest.pth"
         if latest.exists():
             latest.unlink()

@@ -1,0 +1,182 @@
+"""Real processes, real signals: kill -9 at random moments (steps and checkpoint writes) and SIGTERM.
+
+Every run is `python train.py` on the tiny dataset, deterministic (--seed, --deterministic, in-process
+augmentation, one thread), so an interrupted-and-resumed run must end bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_args
+
+import resenc_lightning
+from resenc_lightning.atomic import TMP_MARKER, WRITE_DELAY_ENV
+from resenc_lightning.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+FOLD = Path("Dataset555_Tiny") / "nnUNetTrainer_Lightning__nnUNetResEncUNetLPlans_tiny__3d_fullres" / "fold_0"
+QUIET = ("--final_validation", "false", "--nnunet_export.plot_progress", "false", "--save_every", "2")
+
+
+def run_args(results: Path, *extra: str, epochs: int, iters: int) -> list[str]:
+    return tiny_args(results, "--seed", "7", "--deterministic", "true", "--model.num_epochs", str(epochs), *QUIET,
+                     *extra, epochs=epochs, iters=iters, val_iters=1)
+
+
+def spawn(results: Path, *extra: str, epochs: int, iters: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    results.mkdir(parents=True, exist_ok=True)
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0",
+               "PYTHONPATH": os.pathsep.join([str(Path(resenc_lightning.__file__).parents[1]),
+                                              os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    log = open(results / "train.log", "ab")
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *run_args(results, *extra, epochs=epochs,
+                                                                                 iters=iters)],
+                            env=environ, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def log_of(results: Path) -> str:
+    return (results / "train.log").read_text(errors="replace")[-3000:]
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()  # state, ppid, ...
+
+
+def descendants(pid: int) -> set[int]:
+    parents = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and (stat := _stat(int(p.name))) is not None:
+            parents[int(p.name)] = int(stat[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if (stat := _stat(pid)) is not None and stat[0] != "Z"}
+
+
+def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    return False
+
+
+def temporaries(results: Path) -> list[Path]:
+    return [p for p in results.rglob("*") if TMP_MARKER in p.name]
+
+
+def mtime(path: Path) -> float:
+    return path.stat().st_mtime_ns if path.exists() else 0
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    assert a["epoch"] == b["epoch"] and a["global_step"] == b["global_step"]
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    mom_a = [s["momentum_buffer"] for s in a["optimizer_states"][0]["state"].values()]
+    mom_b = [s["momentum_buffer"] for s in b["optimizer_states"][0]["state"].values()]
+    assert len(mom_a) == len(mom_b) and all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
+    for key in ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "lrs"):
+        assert a["nnunet"]["logging"][key] == b["nnunet"]["logging"][key], key
+
+
+def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(tiny_dataset, tmp_path):
+    epochs, iters = 6, 4
+    reference = spawn(tmp_path / "reference", epochs=epochs, iters=iters)  # runs alongside the trials
+    results = tmp_path / "killed"
+    ckpts = results / FOLD / "checkpoints"
+    rng = random.Random(0)
+    modes = ["checkpoint_write", "step", "random", "step", "checkpoint_write", "step"]
+    kills = []
+    for mode in modes:
+        resume = ("--resume", "true") if ckpts.is_dir() and any(ckpts.glob("*.ckpt")) else ()
+        before = mtime(ckpts / "last.ckpt")
+        proc = spawn(results, *resume, epochs=epochs, iters=iters,
+                     env={WRITE_DELAY_ENV: "1.5"} if mode == "checkpoint_write" else None)
+        if mode == "checkpoint_write":  # SIGKILL while last.ckpt's temporary file is written and not yet renamed
+            hit = wait_for(lambda: any(ckpts.glob(f".last.ckpt{TMP_MARKER}*")), 240, proc, poll=0.005)
+        elif mode == "step":  # SIGKILL during the steps of the epoch after the first checkpoint of this process
+            hit = wait_for(lambda before=before: mtime(ckpts / "last.ckpt") != before, 240, proc)
+            time.sleep(rng.uniform(0.05, 0.6))
+        else:  # anywhere: start-up, data, steps, validation or a write
+            hit = wait_for(lambda: False, rng.uniform(1.0, 10.0), proc)
+            hit = proc.poll() is None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            kills.append((mode, hit, sorted(p.name for p in temporaries(results))))
+        assert proc.returncode in (-signal.SIGKILL, 0), log_of(results)
+    assert sum(1 for _, hit, _ in kills if hit) >= 5, kills
+    assert any(mode == "checkpoint_write" and tmp for mode, hit, tmp in kills), kills  # a write was really cut
+    final = spawn(results, "--resume", "true", epochs=epochs, iters=iters)
+    assert final.wait(600) == 0, log_of(results)
+    assert reference.wait(600) == 0, log_of(tmp_path / "reference")
+    full_log = (results / "train.log").read_text(errors="replace")
+    left = [name for _, _, tmp in kills for name in tmp]
+    assert all(f"/{name}, left by an interrupted write" in full_log for name in left), left  # cleaned at next start
+    assert_same_training(load(tmp_path / "reference" / FOLD / "checkpoints" / "last.ckpt"), load(ckpts / "last.ckpt"))
+    assert temporaries(results) == []
+    assert (results / FOLD / "checkpoint_final.pth").is_file()
+    print(f"kill -9 trials: {kills}")
+
+
+def test_kill_9_leaves_no_augmentation_workers(tiny_dataset, tmp_path):
+    proc = spawn(tmp_path, epochs=50, iters=5, env={"nnUNet_n_proc_DA": "2"})
+    workers: set[int] = set()
+    assert wait_for(lambda: len(workers.update(descendants(proc.pid)) or workers) >= 2, 240, proc), log_of(tmp_path)
+    assert wait_for(lambda: (tmp_path / FOLD / "checkpoints" / "last.ckpt").exists(), 240, proc), log_of(tmp_path)
+    workers |= descendants(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert wait_for(lambda: not alive(workers), 20), f"orphaned augmentation workers: {alive(workers)}"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM])
+def test_sigterm_saves_the_current_step_stops_workers_and_resume_finishes_the_epoch(tiny_dataset, tmp_path, signum):
+    epochs, iters = 2, 24
+    proc = spawn(tmp_path, epochs=epochs, iters=iters, env={"nnUNet_n_proc_DA": "2"})
+    last = tmp_path / FOLD / "checkpoints" / "last.ckpt"
+    assert wait_for(last.exists, 240, proc), log_of(tmp_path)
+    time.sleep(0.6)  # into epoch 1's steps
+    workers = descendants(proc.pid)
+    assert workers, "expected augmentation worker processes"
+    proc.send_signal(signum)
+    assert proc.wait(120) == 128 + signum, log_of(tmp_path)
+    assert not alive(workers), "augmentation workers outlived a clean stop"
+    ckpt = load(last)
+    step = ckpt["global_step"]
+    assert ckpt["epoch"] == 1 and iters < step < 2 * iters, (step, log_of(tmp_path))
+    progress = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
+    assert progress == step - iters  # a mid-epoch checkpoint at exactly the step that finished
+    assert f"Stopped by SIGTERM at epoch 1, step {step}" in log_of(tmp_path)
+    assert temporaries(tmp_path) == []
+    # resume (in this process): Lightning restores the batch progress, the epoch runs only its remaining batches
+    main(run_args(tmp_path, "--resume", "true", epochs=epochs, iters=iters))
+    done = load(last)
+    assert done["epoch"] == 1 and done["global_step"] == epochs * iters
+    assert len(done["nnunet"]["logging"]["train_losses"]) == epochs
