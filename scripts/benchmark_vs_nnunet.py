@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -311,7 +312,7 @@ def run_ours(spec: dict) -> dict:
         "--data.results_dir", str(results), "--data.num_iterations_per_epoch", str(spec["iters"]),
         "--data.num_val_iterations_per_epoch", str(spec["val_iters"]), "--trainer.max_epochs", str(spec["epochs"]),
         "--trainer.accelerator", accelerator, "--trainer.devices", "1", "--trainer.enable_model_summary", "false",
-        "--final_validation", "false", "--seed_everything", "0",
+        "--final_validation", "false", "--seed_everything", "0", *spec.get("ours_args", []),
     ])
     return clock_box[0].result()
 
@@ -390,6 +391,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plans", default=SOURCE_PLANS, help="with --dataset: the plans identifier")
     p.add_argument("--baseline-src", default=None,
                    help="also run ours from another checkout's src/ (e.g. `git archive` of an earlier commit)")
+    p.add_argument("--ours-args", default="", help="extra CLI arguments for ours, e.g. '--model.channels_last true'")
     p.add_argument("--out", default=None, help="also write the table and raw results (.md, .jsonl) here")
     p.add_argument("--smoke", action="store_true", help="tiny CPU pipeline check (< 1 min)")
     args = p.parse_args(argv)
@@ -434,7 +436,7 @@ def main(argv: list[str] | None = None) -> str:
     print(f"dataset and plans ready in {info['prepare_s']} s: {json.dumps(info)}", flush=True)
     base = {"device": args.device, "dataset": info["dataset"], "plans": info["plans"], "epochs": args.epochs,
             "iters": args.iters, "val_iters": args.val_iters, "workdir": str(Path(args.workdir).resolve()),
-            "threads": args.threads}
+            "threads": args.threads, "ours_args": shlex.split(args.ours_args)}
     results = []
     sides = [("native", None), ("ours", None)] + ([("ours_before", str(Path(args.baseline_src).resolve()))]
                                                  if args.baseline_src else [])
@@ -446,10 +448,11 @@ def main(argv: list[str] | None = None) -> str:
                                         f"val {r['val_step_s'] * 1000:.0f} ms, start-up {r['startup_s']:.1f} s, "
                                         f"RSS {r['peak_rss_mb']:.0f} MB")
             print(f"[{time.time() - start:5.0f}s] pair {pair} {side:>11}: {status}", flush=True)
+    extra = f"; ours with {args.ours_args}" if args.ours_args else ""
     text = (f"{table(results)}\n\ndevice {_device_name(args.device)}; plans {info['plans']} (patch {info['patch_size']}, "
             f"batch {info['batch_size']}, features {info['features_per_stage']}); {args.pairs} pairs x "
             f"{args.epochs} epochs x {args.iters}+{args.val_iters} steps; nnUNet_n_proc_DA={args.workers}; "
-            f"torch threads {args.threads or 'default'}; "
+            f"torch threads {args.threads or 'default'}{extra}; "
             f"{time.time() - start:.0f} s in all")
     print(text, flush=True)
     if args.out:
