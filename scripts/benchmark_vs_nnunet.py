@@ -233,6 +233,10 @@ def run_native(spec: dict) -> dict:
             super().on_train_start()
             self.dataloader_train = TimedBatches(self.dataloader_train, clock)
 
+        def on_train_end(self):
+            self.dataloader_train = self.dataloader_train._source  # nnU-Net finishes only its own augmenter types
+            super().on_train_end()
+
         def on_train_epoch_start(self):
             super().on_train_epoch_start()
             clock.train_epoch_start()
