@@ -2,7 +2,7 @@
 
 One command prints a markdown table:
 
-    python scripts/benchmark_vs_nnunet.py --device cpu            # ~5 min on 2 cores
+    python scripts/benchmark_vs_nnunet.py --device cpu            # ~6 min on 2 cores
     python scripts/benchmark_vs_nnunet.py --device cuda --pairs 3  # unmodified ResEnc L plans
 
 Both sides train the same preprocessed synthetic dataset (made by `resenc_lightning.demo.build_dataset`,
