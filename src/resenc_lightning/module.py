@@ -165,7 +165,7 @@ class ResEncUNetModule(pl.LightningModule):
         n = (rows.shape[1] - 1) // 3
         # float32 per step, float64 loss sum: the same arithmetic as nnU-Net's per-step numpy arrays
         losses = rows[:, 0].astype(np.float64)
-        tp, fp, fn = (np.sum(rows[:, 1 + i * n:1 + (i + 1) * n], axis=0) for i in range(3))
+        tp, fp, fn = (np.ascontiguousarray(rows[:, 1 + i * n:1 + (i + 1) * n]).sum(axis=0) for i in range(3))
         train_losses = torch.stack(self._train_losses).float() if self._train_losses else torch.zeros(0)
         # Sum over ranks before Dice/EMA so the logged value equals the single-process computation.
         stats = torch.tensor(np.concatenate([tp, fp, fn, [losses.sum(), len(losses)]]), dtype=torch.float64,
