@@ -9,9 +9,9 @@ Both sides train the same preprocessed synthetic dataset (made by `resenc_lightn
 i.e. nnunetv2's own fingerprinting, `nnUNetPlannerResEncL` planning and preprocessing) with the same plans
 file and the same number of augmentation workers (`nnUNet_n_proc_DA`). On CPU the plans are a copy of the
 ResEnc L plans with `features_per_stage` divided by `--cpu-feature-divisor` and batch 2, so that a step
-takes about a second on 2 cores. Each run is its own process; runs alternate native, ours, native, ours
-(`--pairs`), because a shared machine drifts: we report medians over runs and the median of the per-pair
-ratios ours/native.
+takes about a second on 2 cores. Each run is its own process; runs alternate native, ours, ours, native, ...
+(`--pairs`; the order flips every other pair so a load trend cancels), because a shared machine drifts: we
+report medians over runs and the median of the per-pair ratios ours/native.
 
 Measured inside each child by one small clock (native: a `nnUNetTrainer` subclass; ours: a Lightning
 callback injected into `resenc_lightning.cli.main`), both timing the same boundaries:
@@ -378,7 +378,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--pairs", type=int, default=3, help="native/ours run pairs, alternating")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is not timed)")
-    p.add_argument("--iters", type=int, default=None, help="training steps per epoch (cpu 6, cuda 50)")
+    p.add_argument("--iters", type=int, default=None, help="training steps per epoch (cpu 12, cuda 50)")
     p.add_argument("--val-iters", type=int, default=None, help="validation steps per epoch (cpu 2, cuda 10)")
     p.add_argument("--workers", type=int, default=None, help="nnUNet_n_proc_DA for both sides (cpu 2, cuda 12)")
     p.add_argument("--cases", type=int, default=None, help="synthetic training cases")
@@ -404,7 +404,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device, args.pairs, args.epochs = "cpu", 1, 2
         args.iters, args.val_iters, args.workers, args.cases, args.shape = 2, 1, 0, 5, 20
         args.threads = args.threads or 1
-    args.iters = args.iters or (50 if cuda else 6)
+    args.iters = args.iters or (50 if cuda else 12)
     args.val_iters = args.val_iters or (10 if cuda else 2)
     args.workers = (12 if cuda else 1) if args.workers is None else args.workers
     args.cases = args.cases or (5 if cuda else 6)
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> str:
     sides = [("native", None), ("ours", None)] + ([("ours_before", str(Path(args.baseline_src).resolve()))]
                                                  if args.baseline_src else [])
     for pair in range(args.pairs):
-        for side, src in sides:
+        for side, src in (sides if pair % 2 == 0 else sides[::-1]):  # A B, B A, ...: a load trend cancels out
             r = run_child({**base, "pair": pair, "side": side, "src": src}, timeout=900)
             results.append(r)
             status = r.get("error") or (f"step {r['train_step_s'] * 1000:.0f} ms, wait {r['data_wait_s'] * 1000:.1f} ms, "
