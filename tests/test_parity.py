@@ -72,7 +72,7 @@ def test_loss_and_pseudo_dice_statistics_equal_nnunet_on_the_same_batch(tiny_dat
         out = ours(batch["data"])
         our_loss = ours.loss(out, batch["target"])
         ref_loss = ref.loss(ref.network(batch["data"]), batch["target"])
-        tp, fp, fn = _tp_fp_fn(out[0], batch["target"][0], ours.label_manager)
+        tp, fp, fn = (t.cpu().numpy() for t in _tp_fp_fn(out[0], batch["target"][0], ours.label_manager))
         ref_stats = ref.validation_step(copy.deepcopy(batch))
     assert torch.allclose(our_loss, ref_loss)
     assert np.isclose(float(our_loss), ref_stats["loss"])

@@ -11,6 +11,7 @@ import copy
 import csv
 import os
 import random
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -635,7 +636,7 @@ def test_epoch_timing_logs_each_epoch_keeps_a_reference_and_warns_once_on_resume
     timing = the(cli, EpochTiming)
     assert len(timing_warnings) == 1 and timing_warnings[0] == timing.warning
     assert timing.warning.startswith("EpochTiming: resumed epoch 3 median step")
-    assert "vs the fresh run's 0 ms (epoch 1)" in timing.warning
+    assert re.search(r"vs the fresh run's \d+ ms \(epoch 1\)", timing.warning)  # ~0 ms; 1 on a loaded machine
     assert "Likely cause: less GPU memory reserved (0.0 vs 10.0 GiB)" in timing.warning
     assert [int(e["epoch"]) for e in timing.epochs] == [0, 1, 2, 3, 4]
     assert load_ckpt(last)["callbacks"]["EpochTiming"]["reference"] == fast

@@ -73,7 +73,7 @@ class ResEncUNetModule(pl.LightningModule):
         self.best_ema: float | None = None
         self.nnunet_log: dict[str, list] = {k: [] for k in NNUNET_LOG_KEYS}
         self._train_losses: list[torch.Tensor] = []
-        self._val: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._val: list[torch.Tensor] = []  # per step [loss, tp..., fp..., fn...], on the device until epoch end
         self._forward_impl = None
         self._epoch_metrics: dict[str, float] | None = None
         self._epoch_start = time.time()
@@ -163,13 +163,17 @@ class ResEncUNetModule(pl.LightningModule):
         if self.hparams.enable_deep_supervision:
             output, target = output[0], target[0]
         tp, fp, fn = _tp_fp_fn(output, target, self.label_manager)
-        self._val.append((float(loss.detach().cpu()), tp, fp, fn))
+        # No .cpu() here (nnU-Net syncs every step): one float32 row per step, copied to the host at epoch end.
+        self._val.append(torch.cat([loss.detach().float().reshape(1), tp, fp, fn]))
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self._val:
             return
-        losses = np.array([v[0] for v in self._val])
-        tp, fp, fn = (np.sum([v[i] for v in self._val], axis=0) for i in (1, 2, 3))
+        rows = torch.stack(self._val).cpu().numpy()  # the epoch's only host-device sync for validation
+        n = (rows.shape[1] - 1) // 3
+        # float32 per step, float64 loss sum: the same arithmetic as nnU-Net's per-step numpy arrays
+        losses = rows[:, 0].astype(np.float64)
+        tp, fp, fn = (np.ascontiguousarray(rows[:, 1 + i * n:1 + (i + 1) * n]).sum(axis=0) for i in range(3))
         train_losses = torch.stack(self._train_losses).float() if self._train_losses else torch.zeros(0)
         # Sum over ranks before Dice/EMA so the logged value equals the single-process computation.
         stats = torch.tensor(np.concatenate([tp, fp, fn, [losses.sum(), len(losses)]]), dtype=torch.float64,
@@ -260,8 +264,8 @@ def _channels_last(spatial_dims: int) -> torch.memory_format:
     return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
 
 
-def _tp_fp_fn(output: torch.Tensor, target: torch.Tensor, label_manager) -> tuple[np.ndarray, ...]:
-    """nnUNetTrainer.validation_step's hard tp/fp/fn (background dropped for labels, ignore label masked)."""
+def _tp_fp_fn(output: torch.Tensor, target: torch.Tensor, label_manager) -> tuple[torch.Tensor, ...]:
+    """nnUNetTrainer.validation_step's hard tp/fp/fn (background dropped for labels, ignore label masked), on the device."""
     axes = [0] + list(range(2, output.ndim))
     if label_manager.has_regions:
         predicted = (torch.sigmoid(output) > 0.5).long()
@@ -284,7 +288,7 @@ def _tp_fp_fn(output: torch.Tensor, target: torch.Tensor, label_manager) -> tupl
     else:
         mask = None
     tp, fp, fn, _ = get_tp_fp_fn_tn(predicted, target, axes=axes, mask=mask)
-    tp, fp, fn = (t.detach().cpu().numpy() for t in (tp, fp, fn))
+    tp, fp, fn = (t.detach().float() for t in (tp, fp, fn))
     if not label_manager.has_regions:
         tp, fp, fn = tp[1:], fp[1:], fn[1:]
     return tp, fp, fn
