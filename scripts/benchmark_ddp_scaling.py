@@ -101,21 +101,12 @@ def prepare(args: argparse.Namespace) -> str:
                                 shape_range=(args.shape - 4, args.shape + 4), extra_configuration=False)
     plans = json.loads((folder / f"{SOURCE_PLANS}.json").read_text())
     name = f"{SOURCE_PLANS}_scaling_{args.device}"
-    plans["plans_name"] = name
-    for cfg in plans["configurations"].values():
-        if "architecture" not in cfg:
-            continue
-        if args.device == "cpu":
-            features = [int(f) for f in args.features.split(",")]
-            ak = cfg["architecture"]["arch_kwargs"]
-            n = len(features)
-            ak.update(n_stages=n, features_per_stage=features, kernel_sizes=ak["kernel_sizes"][:n],
-                      strides=ak["strides"][:n], n_blocks_per_stage=ak["n_blocks_per_stage"][:n],
-                      n_conv_per_stage_decoder=ak["n_conv_per_stage_decoder"][:n - 1])
-            cfg["patch_size"] = [args.patch] * len(cfg["patch_size"])
-        global_batch = args.global_batch or (4 if args.device == "cpu" else None)
-        if global_batch is not None:
-            cfg["batch_size"] = global_batch
+    global_batch = args.global_batch or (4 if args.device == "cpu" else None)
+    if args.device == "cpu":
+        plans = demo.derive_plans(plans, name, features=[int(f) for f in args.features.split(",")], patch=args.patch,
+                                  batch_size=global_batch)
+    else:
+        plans = demo.derive_plans(plans, name, batch_size=global_batch)
     (folder / f"{name}.json").write_text(json.dumps(plans, indent=2))
     return name
 

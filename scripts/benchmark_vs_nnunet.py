@@ -59,22 +59,11 @@ def set_paths(workdir: Path) -> None:
 
 def derived_plans(plans: dict, name: str, divisor: int, smoke: bool) -> dict:
     """The planner's ResEnc L plans with narrower stages and batch 2 (smoke: 3 tiny stages, 16^3 patch)."""
-    plans = json.loads(json.dumps(plans))
-    plans["plans_name"] = name
-    for cfg in plans["configurations"].values():
-        if "architecture" not in cfg:
-            continue
-        ak = cfg["architecture"]["arch_kwargs"]
-        if smoke:
-            for key in ("kernel_sizes", "strides"):
-                ak[key] = ak[key][:3]
-            ak.update(n_stages=3, features_per_stage=[4, 8, 16], n_blocks_per_stage=[1, 1, 1],
-                      n_conv_per_stage_decoder=[1, 1])
-            cfg["patch_size"] = [16] * len(cfg["patch_size"])
-        else:
-            ak["features_per_stage"] = [max(4, f // divisor) for f in ak["features_per_stage"]]
-        cfg["batch_size"] = 2
-    return plans
+    from resenc_lightning.demo import derive_plans
+
+    if smoke:
+        return derive_plans(plans, name, features=[4, 8, 16], blocks_per_stage=1, patch=16, batch_size=2)
+    return derive_plans(plans, name, feature_divisor=divisor, batch_size=2)
 
 
 def prepare(args: argparse.Namespace) -> dict:

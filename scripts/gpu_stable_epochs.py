@@ -75,18 +75,10 @@ def prepare(args: argparse.Namespace) -> dict:
 
 
 def _shrink(plans: dict) -> dict:
-    plans = json.loads(json.dumps(plans))
-    plans["plans_name"] = plans["plans_name"] + "_smoke"
-    for cfg in plans["configurations"].values():
-        if "architecture" in cfg:
-            ak = cfg["architecture"]["arch_kwargs"]
-            for key in ("kernel_sizes", "strides"):
-                ak[key] = ak[key][:3]
-            ak.update(n_stages=3, features_per_stage=[4, 8, 16], n_blocks_per_stage=[1, 1, 1],
-                      n_conv_per_stage_decoder=[1, 1])
-            cfg["patch_size"] = [16] * len(cfg["patch_size"])
-            cfg["batch_size"] = 2
-    return plans
+    from resenc_lightning.demo import derive_plans
+
+    return derive_plans(plans, plans["plans_name"] + "_smoke", features=[4, 8, 16], blocks_per_stage=1, patch=16,
+                        batch_size=2)
 
 
 # -- measurement helpers (run inside an arm process) ------------------------------------------------------

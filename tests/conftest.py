@@ -22,21 +22,9 @@ os.environ.setdefault("nnUNet_def_n_proc", "2")  # nnU-Net's export/metrics pool
 
 def shrink_plans(plans: dict) -> dict:
     """Same planner output, smaller network/patch/batch: 3 stages of 4/8/16 features, 16^3 patch, batch 2."""
-    plans = json.loads(json.dumps(plans))
-    plans["plans_name"] = TINY_PLANS
-    for cfg in plans["configurations"].values():
-        if "architecture" not in cfg:
-            continue
-        ak = cfg["architecture"]["arch_kwargs"]
-        ak["n_stages"] = 3
-        ak["features_per_stage"] = [4, 8, 16]
-        ak["kernel_sizes"] = ak["kernel_sizes"][:3]
-        ak["strides"] = ak["strides"][:3]
-        ak["n_blocks_per_stage"] = [1, 1, 1]
-        ak["n_conv_per_stage_decoder"] = [1, 1]
-        cfg["patch_size"] = [16] * len(cfg["patch_size"])
-        cfg["batch_size"] = 2
-    return plans
+    from resenc_lightning.demo import derive_plans
+
+    return derive_plans(plans, TINY_PLANS, features=[4, 8, 16], blocks_per_stage=1, patch=16, batch_size=2)
 
 
 @pytest.fixture(scope="session")

@@ -191,6 +191,37 @@ def add_demo_configuration(plans_file: Path, batch_size: int = DEMO_BATCH_SIZE) 
     tmp.replace(plans_file)
 
 
+def derive_plans(plans: dict, name: str, *, features: list[int] | None = None, feature_divisor: int | None = None,
+                 blocks_per_stage: int | None = None, patch: int | None = None, batch_size: int | None = None) -> dict:
+    """A copy of the planner's output with a smaller network, patch or another batch, under a new plans name.
+
+    Tests and benchmarks train real nnunetv2 plans at a size the machine affords. `features` sets the stages
+    (and their count), `feature_divisor` narrows every stage, `blocks_per_stage` sets the encoder blocks (and
+    one decoder conv per stage); configurations without their own architecture inherit and are left alone.
+    """
+    plans = json.loads(json.dumps(plans))
+    plans["plans_name"] = name
+    for cfg in plans["configurations"].values():
+        if "architecture" not in cfg:
+            continue
+        ak = cfg["architecture"]["arch_kwargs"]
+        if features is not None:
+            n = len(features)
+            ak.update(n_stages=n, features_per_stage=list(features), kernel_sizes=ak["kernel_sizes"][:n],
+                      strides=ak["strides"][:n], n_blocks_per_stage=ak["n_blocks_per_stage"][:n],
+                      n_conv_per_stage_decoder=ak["n_conv_per_stage_decoder"][:n - 1])
+        if feature_divisor is not None:
+            ak["features_per_stage"] = [max(4, f // feature_divisor) for f in ak["features_per_stage"]]
+        if blocks_per_stage is not None:
+            ak["n_blocks_per_stage"] = [blocks_per_stage] * ak["n_stages"]
+            ak["n_conv_per_stage_decoder"] = [1] * (ak["n_stages"] - 1)
+        if patch is not None:
+            cfg["patch_size"] = [patch] * len(cfg["patch_size"])
+        if batch_size is not None:
+            cfg["batch_size"] = batch_size
+    return plans
+
+
 @contextlib.contextmanager
 def _locked(lock_file: Path):
     lock_file.parent.mkdir(parents=True, exist_ok=True)
