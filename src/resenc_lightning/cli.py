@@ -73,7 +73,8 @@ class ResEncLightningCLI(LightningCLI):
         parser.add_argument("--resume", type=bool, default=False,
                             help="Continue from the fold's last checkpoint (nnU-Net's --c).")
         parser.add_argument("--save_every", type=int, default=50,
-                            help="Keep a snapshot checkpoint every N epochs (nnU-Net's save_every).")
+                            help="Keep a snapshot checkpoint, and refresh nnU-Net's checkpoint_latest.pth, every N epochs "
+                                 "(nnU-Net's save_every).")
         parser.add_argument("--memcheck", type=bool, default=False,
                             help="Run one real training step at the plans' batch and patch on the GPU and report "
                                  "peak memory against the card and the plans' VRAM target; no training.")
@@ -104,6 +105,7 @@ class ResEncLightningCLI(LightningCLI):
         parser.add_lightning_class_args(GpuMonitor, "gpu_monitor")
         parser.add_lightning_class_args(NnUNetExport, "nnunet_export")
         parser.link_arguments("require_exclusive_gpu", "gpu_monitor.require_exclusive_gpu")
+        parser.link_arguments("save_every", "nnunet_export.latest_every")
         for name in ("plans", "dataset", "configuration", "fold"):
             parser.link_arguments(name, f"data.{name}")
         parser.link_arguments("data.spec", "model.spec", apply_on="instantiate")

@@ -1,12 +1,12 @@
 """Write nnU-Net's own fold folder next to the Lightning checkpoints, so nnU-Net's tools use our models.
 
-`checkpoint_latest.pth` (every epoch while training), `checkpoint_best.pth` (new best EMA
-pseudo-Dice) and `checkpoint_final.pth` (end of training; latest is then removed, as nnU-Net does)
-hold nnUNetTrainer's keys; `plans.json`, `dataset.json` and `dataset_fingerprint.json` go one level
-up and `progress.png` (nnunetv2's own plot) into the fold folder. `nnUNetv2_predict` and
-`nnUNetv2_predict_from_modelfolder` then work unchanged. The checkpoints name `nnUNetTrainer` as
-their trainer class: the predictor only uses it to rebuild the network, which is the same class
-and call (`build_network_architecture`) we train with.
+`checkpoint_latest.pth` (every `latest_every` epochs while training, nnU-Net's `save_every`),
+`checkpoint_best.pth` (new best EMA pseudo-Dice) and `checkpoint_final.pth` (end of training;
+latest is then removed, as nnU-Net does) hold nnUNetTrainer's keys; `plans.json`, `dataset.json`
+and `dataset_fingerprint.json` go one level up and `progress.png` (nnunetv2's own plot) into the
+fold folder. `nnUNetv2_predict` and `nnUNetv2_predict_from_modelfolder` then work unchanged. The
+checkpoints name `nnUNetTrainer` as their trainer class: the predictor only uses it to rebuild the
+network, which is the same class and call (`build_network_architecture`) we train with.
 """
 
 from __future__ import annotations
@@ -29,15 +29,18 @@ class NnUNetExport(pl.Callback):
         enabled: switch the export off.
         trainer_class_name: nnU-Net trainer class named in the checkpoints (used by nnU-Net's predictor
             to rebuild the network); `nnUNetTrainer` builds exactly our network.
-        write_latest: write checkpoint_latest.pth every epoch (nnU-Net: every save_every epochs).
+        write_latest: write checkpoint_latest.pth while training.
+        latest_every: write it every N epochs, except the last, as nnU-Net does with save_every (the CLI links
+            --save_every here). Our own resume point, checkpoints/last.ckpt, is written every epoch regardless.
         plot_progress: write nnU-Net's progress.png every epoch.
     """
 
     def __init__(self, enabled: bool = True, trainer_class_name: str = NNUNET_TRAINER_CLASS,
-                 write_latest: bool = True, plot_progress: bool = True) -> None:
+                 write_latest: bool = True, latest_every: int = 50, plot_progress: bool = True) -> None:
         self.enabled = enabled
         self.trainer_class_name = trainer_class_name
         self.write_latest = write_latest
+        self.latest_every = latest_every
         self.plot_progress = plot_progress
         self._exported_best: float | None = None
 
@@ -79,7 +82,8 @@ class NnUNetExport(pl.Callback):
             return
         fold = self._fold_folder(pl_module)
         ckpt = None
-        if self.write_latest:
+        epoch = trainer.current_epoch
+        if self.write_latest and (epoch + 1) % max(1, self.latest_every) == 0 and epoch != trainer.max_epochs - 1:
             ckpt = self.checkpoint(trainer, pl_module)
             atomic_save(ckpt, fold / "checkpoint_latest.pth")
         best = pl_module.best_ema
