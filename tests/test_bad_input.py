@@ -184,15 +184,23 @@ def test_plans_without_configurations_or_architecture(tiny_dataset, results_dir)
     broken.unlink()
 
 
-def test_unknown_network_class(tiny_dataset, results_dir):
+def error_with_edited_plans(tiny_dataset: Path, results_dir: Path, name: str, edit) -> str:
+    """The one-line error for a copy of the tiny plans changed by `edit(3d_fullres configuration)`."""
     plans = json.loads((tiny_dataset / f"{TINY_PLANS}.json").read_text())
-    plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "my_lab.nets.NoSuchUNet"
-    other = tiny_dataset / "nnUNetResEncUNetLPlans_nosuchnet.json"
+    edit(plans["configurations"]["3d_fullres"])
+    other = tiny_dataset / f"nnUNetResEncUNetLPlans_{name}.json"
     other.write_text(json.dumps(plans))
     args = tiny_args(results_dir)
     args[args.index("--plans") + 1] = other.stem
-    msg = error_of(args)
-    other.unlink()
+    try:
+        return error_of(args)
+    finally:
+        other.unlink()
+
+
+def test_unknown_network_class(tiny_dataset, results_dir):
+    msg = error_with_edited_plans(tiny_dataset, results_dir, "nosuchnet",
+                                  lambda cfg: cfg["architecture"].update(network_class_name="my_lab.nets.NoSuchUNet"))
     assert "network class 'my_lab.nets.NoSuchUNet'" in msg and "cannot be imported" in msg
     assert_nothing_written(results_dir)
 
@@ -235,14 +243,7 @@ def test_channel_count_differs_from_dataset_json(bad_copy, results_dir):
 
 
 def test_patch_larger_than_every_case(tiny_dataset, results_dir):
-    plans = json.loads((tiny_dataset / f"{TINY_PLANS}.json").read_text())
-    plans["configurations"]["3d_fullres"]["patch_size"] = [64, 16, 16]
-    other = tiny_dataset / "nnUNetResEncUNetLPlans_bigpatch.json"
-    other.write_text(json.dumps(plans))
-    args = tiny_args(results_dir)
-    args[args.index("--plans") + 1] = other.stem
-    msg = error_of(args)
-    other.unlink()
+    msg = error_with_edited_plans(tiny_dataset, results_dir, "bigpatch", lambda cfg: cfg.update(patch_size=[64, 16, 16]))
     assert "patch size [64, 16, 16]" in msg and "larger than every preprocessed case along axis [0]" in msg
     assert_nothing_written(results_dir)
 
