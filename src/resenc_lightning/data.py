@@ -8,7 +8,6 @@ Lightning has set the rank's device, and seeded workers.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from resenc_lightning import recipe
-from resenc_lightning.callbacks.rng_state import collect_rng_states, set_rng_states
+from resenc_lightning.callbacks.rng_state import collect_rng_states, run_seed, set_rng_states
 from resenc_lightning.data_checks import check_network_class, check_preprocessed_data
 from resenc_lightning.orphans import die_with_parent
 from resenc_lightning.plans import RunSpec, resolve_run
@@ -167,7 +166,7 @@ class NnUNetDataModule(pl.LightningDataModule):
 
     def _worker_seeds(self, n: int, offset: int) -> list[int]:
         """Distinct per rank/worker/stream and reproducible from the run seed and the epoch we start at."""
-        base = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 12345))
+        base = self.seed if self.seed is not None else run_seed()
         rank = self.trainer.global_rank if self.trainer is not None else 0
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         rs = np.random.SeedSequence([base, rank, epoch, offset])

@@ -50,10 +50,14 @@ def set_rng_states(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def run_seed() -> int:
+    """The run's seed: what `seed_everything` (`--seed`) set, else 12345."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 12345))
+
+
 def seed_rank_streams(rank: int) -> None:
     """Distinct, reproducible python/numpy/torch streams for one DDP rank, derived from the run seed."""
-    base = int(os.environ.get("PL_GLOBAL_SEED", 12345))
-    seed = int(np.random.SeedSequence([base, rank, 0x5EED]).generate_state(1)[0])
+    seed = int(np.random.SeedSequence([run_seed(), rank, 0x5EED]).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
