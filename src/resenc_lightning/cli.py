@@ -35,7 +35,7 @@ from resenc_lightning.callbacks.rng_state import RNGStateCheckpoint
 from resenc_lightning.data import NnUNetDataModule
 from resenc_lightning.module import ResEncUNetModule
 from resenc_lightning.plans import RunSpec, RunSpecError
-from resenc_lightning.resume import CheckpointError, choose_resume_checkpoint
+from resenc_lightning.resume import CheckpointError, CheckpointInfo, choose_resume_checkpoint, read_checkpoint_info
 
 #: nnUNetTrainer's loop settings expressed as Trainer defaults (each overridable with --trainer.*).
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -238,47 +238,54 @@ class ResEncLightningCLI(LightningCLI):
         self.model.load_state_dict(state, strict=True)
         return f"checkpoint {path}"
 
-    def slurm_requeue_checkpoint(self) -> Path | None:
-        """A requeued SLURM job resumes by itself: from Lightning's `hpc_ckpt_N.ckpt` (written on the requeue signal)
-        or `last.ckpt`, whichever is newer. Returns None outside SLURM or before a first checkpoint."""
+    def slurm_requeue(self) -> tuple[bool, CheckpointInfo | None]:
+        """Whether this is a requeued SLURM job (SLURM_RESTART_COUNT > 0, or Lightning's `hpc_ckpt_N.ckpt`, written on
+        the requeue signal, present), and the newest hpc checkpoint if it is intact."""
         if not SLURMEnvironment.detect():
-            return None
+            return False, None
         hpc = sorted(self.output_folder.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
-        restarted = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
-        if not hpc and not restarted:
-            return None
-        last = self.checkpoint_dir / LAST_CHECKPOINT
-        candidates = hpc[-1:] + ([last] if last.is_file() else [])
-        return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+        if not hpc:
+            return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0, None
+        try:
+            return True, read_checkpoint_info(hpc[-1])
+        except CheckpointError as e:
+            print(f"error: {e}", flush=True)
+            return True, None
 
     def resolve_ckpt_path(self) -> str | None:
         last = self.checkpoint_dir / LAST_CHECKPOINT
         folder = self.output_folder
         for stale in remove_stale_temporaries(self.checkpoint_dir, folder, folder.parent):
             print(f"Removed {stale}, left by an interrupted write.", flush=True)
-        requeued = self.slurm_requeue_checkpoint()
-        if requeued is not None:
-            if self.trainer.is_global_zero:
-                print(f"SLURM job {os.environ.get('SLURM_JOB_ID', '?')} requeued: resuming from {requeued}", flush=True)
-            if requeued.name != LAST_CHECKPOINT:
-                return str(requeued)
-            self.resume = True  # last.ckpt is newer: resume as --resume does (with its fallback to an intact one)
+        requeued, hpc = self.slurm_requeue()
+        has_checkpoints = self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.glob("*.ckpt"))
+        if requeued and (has_checkpoints or hpc is not None):
+            self.resume = True  # the requeued job runs the same command: no --resume needed
         if self.resume:
-            if not self.checkpoint_dir.is_dir() or not any(self.checkpoint_dir.glob("*.ckpt")):
+            if not has_checkpoints and hpc is None:
                 raise UsageError(f"--resume given but there is no checkpoint at {last}; run without --resume to "
                                  f"start this fold.")
-            try:
-                chosen, problems = choose_resume_checkpoint(self.checkpoint_dir, LAST_CHECKPOINT)
-            except CheckpointError as e:
-                raise UsageError(str(e)) from None
+            chosen, problems = None, []
+            if has_checkpoints:
+                try:
+                    chosen, problems = choose_resume_checkpoint(self.checkpoint_dir, LAST_CHECKPOINT)
+                except CheckpointError as e:
+                    if hpc is None:
+                        raise UsageError(str(e)) from None
+                    problems = [str(e)]
             for problem in problems:
                 print(f"error: {problem}", flush=True)
-            if problems:
+            if hpc is not None and (chosen is None or (hpc.global_step, hpc.epoch) > (chosen.global_step, chosen.epoch)):
+                chosen = hpc  # written on the requeue signal, after the fold's last checkpoint
+            if requeued and self.trainer.is_global_zero:
+                print(f"SLURM job {os.environ.get('SLURM_JOB_ID', '?')} requeued: resuming from {chosen.path}",
+                      flush=True)
+            elif problems:
                 print(f"Resuming from the newest intact checkpoint {chosen.path} (epoch {chosen.epoch}, step "
                       f"{chosen.global_step}).", flush=True)
             self.check_checkpoint_matches_run(chosen.path, chosen.nnunet)
             return str(chosen.path)
-        if self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.glob("*.ckpt")):
+        if has_checkpoints:
             raise UsageError(f"{self.checkpoint_dir} already holds checkpoints; add --resume to continue that run, "
                              f"or pass another --fold / --data.trainer_name (nothing was overwritten).")
         return None
