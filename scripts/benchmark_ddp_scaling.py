@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace, plans: str, processes: int) -> dict:
     out = args.workdir / "clock" / tag
     results = args.workdir / "results" / tag
     for folder in (out, results):
-        subprocess.run(["rm", "-rf", str(folder)], check=True)
+        shutil.rmtree(folder, ignore_errors=True)
     clock = json.dumps({"class_path": "benchmark_ddp_scaling.StepClock", "init_args": {"out_dir": str(out)}})
     cmd = [sys.executable, str(REPO / "train.py"), "--plans", plans, "--dataset", str(DATASET_ID), "--fold", "0",
            "--data.results_dir", str(results), "--data.num_iterations_per_epoch", str(args.iters),
