@@ -136,6 +136,18 @@ class NnUNetDataModule(pl.LightningDataModule):
         self.rank_oversample: float | None = None
 
     # -- recipe ---------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Legacy .npz data: unpack to .npy once, as nnUNetTrainer.on_train_start does (a no-op for blosc2).
+
+        Lightning runs this on local rank 0 before any rank's setup and augmentation workers, then barriers,
+        which is nnU-Net's `if local_rank == 0: unpack_dataset(...)` + `dist.barrier()`. Without it every read
+        of a case would decompress the whole .npz.
+        """
+        folder = str(self.spec.preprocessed_data_folder)
+        infer_dataset_class(folder).unpack_dataset(
+            folder, overwrite_existing=False, num_processes=max(1, round(recipe.n_proc_da() // 2)), verify=True,
+        )
+
     def setup(self, stage: str | None = None) -> None:
         view = recipe.trainer_view(self.spec, oversample_foreground_percent=self.oversample_foreground_percent)
         self.batch_size, self.rank_oversample = recipe.batch_size_and_oversample(view)

@@ -61,7 +61,11 @@ def _sample(cases: list[str], n: int) -> list[str]:
 
 
 def check_preprocessed_data(spec: RunSpec, sampled_cases: int = SAMPLED_CASES) -> None:
-    """Files present and readable, channels as in dataset.json, patch not beyond every case, finite voxels, known labels."""
+    """Files present and readable, channels as in dataset.json, finite voxels, known labels.
+
+    A patch larger than every case is not checked: nnU-Net's planner rounds the patch up to the pooling factor
+    and nnUNetDataLoader pads, so nnU-Net trains such plans and so do we.
+    """
     folder = spec.preprocessed_data_folder
     dataset_class = infer_dataset_class(str(folder))
     blosc2 = "Blosc2" in dataset_class.__name__
@@ -82,9 +86,7 @@ def check_preprocessed_data(spec: RunSpec, sampled_cases: int = SAMPLED_CASES) -
                                    f"{folder}; {redo} (or delete splits_final.json to let nnU-Net re-split).")
     dataset = dataset_class(str(folder), cases)
     channels = len(spec.dataset_json.get("channel_names") or spec.dataset_json.get("modality") or {})
-    patch = [int(p) for p in spec.configuration_manager.patch_size]
     sampled = set(_sample(cases, sampled_cases))
-    largest = [0] * len(patch)
     allowed = _allowed_labels(spec.dataset_json)
     for case in cases if blosc2 else sorted(sampled):
         data, seg = _load(dataset, case, folder, redo)
@@ -93,18 +95,8 @@ def check_preprocessed_data(spec: RunSpec, sampled_cases: int = SAMPLED_CASES) -
                 f"preprocessed case {case!r} has {data.shape[0]} image channels but dataset.json's channel_names "
                 f"lists {channels}; fix channel_names or the images and {redo}."
             )
-        spatial = data.shape[-len(patch):]
-        largest = [max(a, b) for a, b in zip(largest, spatial)]
         if case in sampled:
             _check_values(case, np.asarray(data[:]), np.asarray(seg[:]), allowed, redo)
-    too_big = [i for i, (p, s) in enumerate(zip(patch, largest)) if p > s]
-    every_case_seen = blosc2 or len(sampled) == len(cases)
-    if cases and too_big and every_case_seen:
-        raise RunSpecError(
-            f"patch size {patch} of {spec.plans_identifier}/{spec.configuration} is larger than every preprocessed case "
-            f"along axis {too_big} (largest case {largest}); these plans were made for other data: re-plan with "
-            f"`nnUNetv2_plan_experiment -d {spec.dataset_id} -pl nnUNetPlannerResEncL` or lower patch_size."
-        )
 
 
 def _load(dataset: Any, case: str, folder: Path, redo: str) -> tuple[Any, Any]:

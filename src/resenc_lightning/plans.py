@@ -151,20 +151,17 @@ def _resolve_inheritance(plans: dict, configuration: str, seen: tuple[str, ...] 
     return {**_resolve_inheritance(plans, parent, (*seen, configuration)), **raw}
 
 
-def _check_fold(fold: int | str, preprocessed_base: Path) -> int | str:
+def _check_fold(fold: int | str) -> int | str:
     if str(fold) == "all":
         return "all"
     try:
         fold = int(fold)
     except (TypeError, ValueError):
         raise RunSpecError(f"--fold {fold!r} is not a fold; use 0-4 or 'all'.") from None
-    splits_file = preprocessed_base / "splits_final.json"
-    n_splits = len(json.loads(splits_file.read_text())) if splits_file.is_file() else 5
     if fold < 0:
-        raise RunSpecError(f"--fold {fold} is negative; use 0-{n_splits - 1} or 'all'.")
-    if fold >= n_splits and not splits_file.is_file():
-        raise RunSpecError(f"--fold {fold} is out of range for nnU-Net's 5-fold split; use 0-4 or 'all'.")
-    # fold >= len(splits) with a custom splits file: nnU-Net makes a seeded 80:20 split, so do we.
+        raise RunSpecError(f"--fold {fold} is negative; use 0-4 (or a fold of your splits_final.json) or 'all'.")
+    # A fold beyond splits_final.json (or beyond the 5 folds nnU-Net writes when it is missing): nnU-Net's do_split
+    # trains a seeded random 80:20 split for it, and so do we (recipe.split calls it).
     return fold
 
 
@@ -198,7 +195,7 @@ def resolve_run(
         dataset_name=dataset_name,
         plans_identifier=plans_dict["plans_name"],
         configuration=configuration,
-        fold=_check_fold(fold, base),
+        fold=_check_fold(fold),
         plans=plans_dict,
         dataset_json=dataset_json,
         preprocessed_base=base,
