@@ -109,6 +109,8 @@ class ResEncLightningCLI(LightningCLI):
         for name in ("plans", "dataset", "configuration", "fold"):
             parser.link_arguments(name, f"data.{name}")
         parser.link_arguments("data.spec", "model.spec", apply_on="instantiate")
+        # one flag for network, loss and targets, as nnU-Net's trainer (its DS scales drive the transforms)
+        parser.link_arguments("model.enable_deep_supervision", "data.enable_deep_supervision")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         from jsonargparse import ArgumentError

@@ -133,6 +133,13 @@ class ResEncUNetModule(pl.LightningModule):
         """No-op: nnU-Net sets the LR at the *start* of each epoch from the epoch index (see below)."""
 
     # -- training ------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """One deep-supervision flag for network, loss and targets (the CLI links the DataModule's to ours)."""
+        data_ds = getattr(self.trainer.datamodule, "enable_deep_supervision", self.hparams.enable_deep_supervision)
+        if bool(data_ds) != bool(self.hparams.enable_deep_supervision):
+            raise ValueError(f"the DataModule's enable_deep_supervision={data_ds} differs from the model's "
+                             f"{self.hparams.enable_deep_supervision}; set --model.enable_deep_supervision only.")
+
     def on_train_epoch_start(self) -> None:
         scheduler = self.lr_schedulers()
         # nnU-Net rebuilds PolyLR from the current num_epochs and never restores its state; Lightning restores
