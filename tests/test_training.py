@@ -154,3 +154,25 @@ def test_deep_supervision_flag_drives_network_loss_and_targets(tiny_dataset, res
     ds_output = isinstance(output, (list, tuple))
     assert ds_output is deep_supervision and isinstance(batch["target"], (list, tuple)) is deep_supervision
     assert isinstance(cli.model.loss, DeepSupervisionWrapper) is deep_supervision
+
+
+@pytest.mark.parametrize("labels, order, expected", [
+    # a region given as a single int ("b") and as a one-element list ("c"); an ignore label
+    ({"background": 0, "a": [1, 2], "b": 2, "c": [3], "ignore": 4}, [1, 2, 3], ["a", "b", "c"]),
+    ({"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}, [1, 2, 3], ["whole", "core", "enhancing"]),
+    ({"background": 0, "x": 2, "y": 1}, None, ["y", "x"]),  # labels: by value, as foreground_labels
+])
+def test_dice_columns_follow_the_pseudo_dice_vector_for_regions_and_labels(labels, order, expected):
+    """`dice/<name>` columns are named in the order of nnU-Net's per-class/region pseudo-Dice vector."""
+    from types import SimpleNamespace
+
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from resenc_lightning.module import ResEncUNetModule
+
+    lm = LabelManager(labels, regions_class_order=order)
+    module = SimpleNamespace(spec=SimpleNamespace(dataset_json={"labels": labels}), label_manager=lm)
+    names = ResEncUNetModule.class_names(module)
+    assert names == expected
+    vector = lm.foreground_regions if lm.has_regions else lm.foreground_labels
+    assert len(names) == len(vector) == (lm.num_segmentation_heads if lm.has_regions else len(vector))

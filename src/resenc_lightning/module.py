@@ -237,12 +237,7 @@ class ResEncUNetModule(pl.LightningModule):
 
     def class_names(self) -> list[str]:
         """Foreground label (or region) names in the order of the pseudo-Dice vector."""
-        labels = self.spec.dataset_json["labels"]
-        lm = self.label_manager
-        if lm.has_regions:
-            return [name for name, v in labels.items() if isinstance(v, (list, tuple)) and name != "ignore"]
-        by_value = {int(v): k for k, v in labels.items() if not isinstance(v, (list, tuple))}
-        return [by_value.get(int(i), str(i)) for i in lm.foreground_labels]
+        return dice_names(self.spec.dataset_json["labels"], self.label_manager)
 
     # -- checkpoint state ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -265,6 +260,21 @@ class ResEncUNetModule(pl.LightningModule):
         self.ema_fg_dice = state.get("ema_fg_dice")
         self.best_ema = state.get("best_ema")
         self.nnunet_log = state.get("logging", {k: [] for k in NNUNET_LOG_KEYS})
+
+
+def dice_names(labels: dict, label_manager) -> list[str]:
+    """dataset.json names of the pseudo-Dice entries: `foreground_labels`, or for region-based datasets
+    `foreground_regions` (LabelManager keeps the labels dict's order; a region may be a single int or a list)."""
+    if not label_manager.has_regions:
+        by_value = {int(v): k for k, v in labels.items() if not isinstance(v, (list, tuple)) and k != "ignore"}
+        return [by_value.get(int(i), str(i)) for i in label_manager.foreground_labels]
+    regions = list(label_manager.foreground_regions)
+    names: list[str] = []
+    for name, value in labels.items():  # walk in LabelManager's order, matching its regions one by one
+        value = tuple(value) if isinstance(value, list) else value
+        if name != "ignore" and len(names) < len(regions) and value == regions[len(names)]:
+            names.append(name)
+    return names + [str(r) for r in regions[len(names):]]
 
 
 def _channels_last(spatial_dims: int) -> torch.memory_format:
