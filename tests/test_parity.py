@@ -115,3 +115,78 @@ def test_anisotropic_3d_plans_match_nnunet_trainer(tiny_dataset, results_dir):
         assert_augmentation_matches(ours, ref)
     finally:
         aniso_file.unlink()
+
+
+class _FakeDist:
+    """torch.distributed as nnUNetTrainer's epoch ends use it: all_gather_object hands out each rank's object."""
+
+    def __init__(self, per_rank_calls: list[list]) -> None:
+        self.calls = iter(per_rank_calls)
+
+    def get_world_size(self) -> int:
+        return 2
+
+    def all_gather_object(self, out: list, obj) -> None:
+        out[:] = next(self.calls)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_logged_losses_pseudo_dice_and_ema_equal_nnunets_logger_bit_for_bit(monkeypatch, world_size):
+    """30 epochs of per-step float32 statistics (voxel counts beyond float32's exact integers, a class without
+    foreground) through nnUNetTrainer's epoch ends and MetaLogger, and through our module's: identical floats."""
+    from types import SimpleNamespace
+
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+
+    from resenc_lightning.module import NNUNET_LOG_KEYS, ResEncUNetModule
+
+    rng = np.random.default_rng(0)
+    native = SimpleNamespace(logger=MetaLogger(None, False), is_ddp=world_size > 1, current_epoch=0)
+    n, steps = 3, 50
+    # our module's epoch end, unbound on the attributes it reads
+    ours = SimpleNamespace(trainer=SimpleNamespace(sanity_checking=False), hparams=SimpleNamespace(ema_momentum=0.9),
+                           device=torch.device("cpu"), ema_fg_dice=None, best_ema=None,
+                           nnunet_log={k: [] for k in NNUNET_LOG_KEYS},
+                           optimizers=lambda: SimpleNamespace(param_groups=[{"lr": 0.01}]),
+                           class_names=lambda: ["a", "b", "c"])
+    ours._record = lambda key, value: ResEncUNetModule._record(ours, key, value)
+    for epoch in range(30):
+        native.current_epoch = epoch
+        val_rows, train_rows = [], []
+        for _ in range(world_size):
+            counts = rng.integers(0, 4_000_000, size=(steps, 3 * n)).astype(np.float32)
+            counts[:, [n - 1, 2 * n - 1, 3 * n - 1]] *= epoch % 2  # last class: no voxels every other epoch
+            val_rows.append(np.concatenate([rng.random((steps, 1), dtype=np.float32), counts], axis=1))
+            train_rows.append(rng.random(steps, dtype=np.float32) - 0.5)
+        val_out = [[{"loss": r[0], "tp_hard": r[1:1 + n], "fp_hard": r[1 + n:1 + 2 * n], "fn_hard": r[1 + 2 * n:]}
+                    for r in rank] for rank in val_rows]
+        train_out = [[{"loss": np.array(v)} for v in rank] for rank in train_rows]
+        if world_size > 1:
+            def rank_sums(key, val_out=val_out):
+                return [np.sum(np.vstack([o[key][None] for o in rank]), 0) for rank in val_out]
+
+            losses = [np.vstack([o["loss"][None] for o in rank]) for rank in val_out]
+            monkeypatch.setattr(trainer_module, "dist", _FakeDist(
+                [[np.vstack([o["loss"][None] for o in rank]) for rank in train_out]]))
+            nnUNetTrainer.on_train_epoch_end(native, train_out[0])
+            monkeypatch.setattr(trainer_module, "dist", _FakeDist(
+                [rank_sums("tp_hard"), rank_sums("fp_hard"), rank_sums("fn_hard"), losses]))
+        else:
+            nnUNetTrainer.on_train_epoch_end(native, train_out[0])
+        nnUNetTrainer.on_validation_epoch_end(native, val_out[0])
+
+        gathered = iter([torch.stack([torch.from_numpy(r) for r in val_rows]),
+                         torch.stack([torch.from_numpy(r) for r in train_rows])])
+        ours.trainer.world_size, ours.current_epoch = world_size, epoch
+        ours.all_gather = lambda tensor, gathered=gathered: next(gathered)
+        ours._val = [torch.from_numpy(row) for row in val_rows[0]]
+        ours._train_losses = [torch.tensor(v) for v in train_rows[0]]
+        ResEncUNetModule.on_validation_epoch_end(ours)
+        log = native.logger.local_logger.my_fantastic_logging
+        for key in ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice"):
+            assert ours.nnunet_log[key][epoch] == float(log[key][epoch]), (key, epoch)
+        ours_dice, native_dice = ours.nnunet_log["dice_per_class_or_region"][epoch], log["dice_per_class_or_region"][epoch]
+        assert np.array_equal(ours_dice, [float(d) for d in native_dice], equal_nan=True)
+        assert ours.ema_fg_dice == float(log["ema_fg_dice"][epoch])
+    assert len({round(v, 3) for v in log["ema_fg_dice"]}) > 10  # the sequence moves

@@ -643,6 +643,34 @@ def test_epoch_timing_logs_each_epoch_keeps_a_reference_and_warns_once_on_resume
     assert [r["epoch"] for r in csv_rows(cli, version=2) if r["time/epoch_s"]] == ["3", "4"]
 
 
+def test_epoch_timing_reference_taken_by_the_resumed_run_when_the_fresh_run_stopped_before_it(tiny_dataset,
+                                                                                               results_dir):
+    def run(epochs: int):
+        resume = ("--resume", "true") if epochs > 1 else ()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cli = fit(tiny_args(results_dir, *SCHEDULE, *resume, epochs=epochs, iters=3, val_iters=1))
+        return the(cli, EpochTiming), [str(w.message) for w in caught if str(w.message).startswith("EpochTiming:")]
+
+    timing, _ = run(1)  # stopped after epoch 0, before the reference epoch 1
+    last = next(results_dir.rglob("last.ckpt"))
+    assert timing.reference is None and load_ckpt(last)["callbacks"]["EpochTiming"]["reference"] is None
+
+    # the resumed run (starts at epoch 1) skips its first epoch and takes epoch 2, marked as a resumed run's
+    timing, timing_warnings = run(3)
+    assert timing_warnings == [] and timing.reference == timing.epochs[-1] and timing.reference["epoch"] == 2
+    state = load_ckpt(last)["callbacks"]["EpochTiming"]
+    assert state["reference"] == timing.reference and state["reference_resumed"] is True
+
+    # a later resume compares with it: a 1000x faster reference is drift, reported once
+    ckpt = load_ckpt(last)
+    ckpt["callbacks"]["EpochTiming"]["reference"]["step_median_s"] /= 1000
+    torch.save(ckpt, last)
+    timing, timing_warnings = run(4)
+    assert timing_warnings == [timing.warning]
+    assert re.search(r"resumed epoch 3 median step .* vs the first resumed run's \d+ ms \(epoch 2\)", timing.warning)
+
+
 def test_likely_cause():
     timing = EpochTiming()
     cpu = SimpleNamespace(device=torch.device("cpu"))

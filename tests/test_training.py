@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 from conftest import tiny_args
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
-from resenc_lightning.cli import build_cli
+from resenc_lightning.cli import build_cli, validate
 
 
 def nnunet_lrs(initial_lr: float, num_epochs: int, n: int) -> list[float]:
@@ -125,3 +130,49 @@ def test_last_checkpoint_is_written_every_epoch_even_when_the_ema_does_not_impro
     best = torch.load(cli.checkpoint_dir / "best.ckpt", map_location="cpu", weights_only=False)
     assert saved == [0, 1, 2]
     assert last["epoch"] == 2 and best["epoch"] == 0
+
+
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_deep_supervision_flag_drives_network_loss_and_targets(tiny_dataset, results_dir, deep_supervision):
+    """`--model.enable_deep_supervision` is the one switch (as nnU-Net's trainer): off, the targets are single
+    tensors too, and training, validation and the final validation run."""
+    cli = build_cli(tiny_args(results_dir, "--model.enable_deep_supervision", str(deep_supervision).lower(),
+                              epochs=1, iters=2, val_iters=1))
+    assert cli.datamodule.enable_deep_supervision is deep_supervision
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert len(cli.model.nnunet_log["val_losses"]) == 1 and np.isfinite(cli.model.nnunet_log["val_losses"][0])
+    result = validate(cli, "the trained network")
+    assert Path(result["summary"]).is_file() and np.isfinite(result["final_val/foreground_dice"])
+    network = cli.model.network
+    assert network.decoder.deep_supervision is deep_supervision
+    dm = cli.datamodule
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    dm.teardown("fit")
+    with torch.no_grad():
+        output = cli.model(batch["data"])
+    ds_output = isinstance(output, (list, tuple))
+    assert ds_output is deep_supervision and isinstance(batch["target"], (list, tuple)) is deep_supervision
+    assert isinstance(cli.model.loss, DeepSupervisionWrapper) is deep_supervision
+
+
+@pytest.mark.parametrize("labels, order, expected", [
+    # a region given as a single int ("b") and as a one-element list ("c"); an ignore label
+    ({"background": 0, "a": [1, 2], "b": 2, "c": [3], "ignore": 4}, [1, 2, 3], ["a", "b", "c"]),
+    ({"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}, [1, 2, 3], ["whole", "core", "enhancing"]),
+    ({"background": 0, "x": 2, "y": 1}, None, ["y", "x"]),  # labels: by value, as foreground_labels
+])
+def test_dice_columns_follow_the_pseudo_dice_vector_for_regions_and_labels(labels, order, expected):
+    """`dice/<name>` columns are named in the order of nnU-Net's per-class/region pseudo-Dice vector."""
+    from types import SimpleNamespace
+
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from resenc_lightning.module import ResEncUNetModule
+
+    lm = LabelManager(labels, regions_class_order=order)
+    module = SimpleNamespace(spec=SimpleNamespace(dataset_json={"labels": labels}), label_manager=lm)
+    names = ResEncUNetModule.class_names(module)
+    assert names == expected
+    vector = lm.foreground_regions if lm.has_regions else lm.foreground_labels
+    assert len(names) == len(vector) == (lm.num_segmentation_heads if lm.has_regions else len(vector))

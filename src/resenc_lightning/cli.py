@@ -109,6 +109,8 @@ class ResEncLightningCLI(LightningCLI):
         for name in ("plans", "dataset", "configuration", "fold"):
             parser.link_arguments(name, f"data.{name}")
         parser.link_arguments("data.spec", "model.spec", apply_on="instantiate")
+        # one flag for network, loss and targets, as nnU-Net's trainer (its DS scales drive the transforms)
+        parser.link_arguments("model.enable_deep_supervision", "data.enable_deep_supervision")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         from jsonargparse import ArgumentError
@@ -149,6 +151,8 @@ class ResEncLightningCLI(LightningCLI):
         if config.get("logger") in (None, True):
             config["logger"] = CSVLogger(save_dir=str(out), name="logs")
         on_cuda = _uses_cuda(config.get("accelerator"))
+        limit_torch_threads(on_cuda)
+        config["deterministic"] = deterministic_mode(config.get("deterministic"), on_cuda)
         if config.get("precision") is None:
             config["precision"] = "16-mixed" if on_cuda else "32-true"
         if config.get("benchmark") is None and on_cuda and not config.get("deterministic"):
@@ -328,6 +332,32 @@ def _uses_cuda(accelerator: Any) -> bool:
         return True
     name = (accelerator if isinstance(accelerator, str) else type(accelerator).__name__).lower()
     return name in ("auto", "gpu") or "cuda" in name
+
+
+def limit_torch_threads(on_cuda: bool) -> bool:
+    """nnU-Net's run_training on CUDA ("multithreading in torch doesn't help nnU-Net if run on GPU"): one intra-op and
+    one inter-op thread in the training process, leaving the cores to the augmentation workers. CPU runs keep torch's
+    defaults. Returns whether the limit was applied."""
+    if not on_cuda:
+        return False
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # allowed only once, before any inter-op work (a second main() in one process)
+        pass
+    return True
+
+
+def deterministic_mode(requested: Any, on_cuda: bool) -> Any:
+    """Lightning's `deterministic` for this run. On CUDA, `True` would make torch raise on the first training step
+    (AvgPool3d backward in ResEnc's skip path and CUDA NLLLoss have no deterministic kernel), so it becomes "warn":
+    deterministic kernels wherever torch has one, a warning where not; said in one line. CPU keeps `True`."""
+    if requested is True and on_cuda:
+        print("resenc-lightning: --trainer.deterministic true on CUDA -> \"warn\": AvgPool3d backward (ResEnc skip path) "
+              "and NLLLoss have no deterministic CUDA kernel, so CUDA runs are close but not bit-exact; CPU runs are.",
+              flush=True)
+        return "warn"
+    return requested
 
 
 def build_cli(args: list[str] | None = None) -> ResEncLightningCLI:

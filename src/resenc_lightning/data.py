@@ -91,6 +91,8 @@ class NnUNetDataModule(pl.LightningDataModule):
         seed: base seed of the augmentation workers (None: the run seed, PL_GLOBAL_SEED, else 12345).
         trainer_name: the `<trainer>` part of nnU-Net's output folder name.
         results_dir: where runs are written; None means $nnUNet_results.
+        enable_deep_supervision: build deep-supervision targets. Not a CLI option: the CLI links it from
+            `--model.enable_deep_supervision`, so one flag drives targets, network and loss (as nnU-Net's trainer).
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class NnUNetDataModule(pl.LightningDataModule):
         seed: int | None = None,
         trainer_name: str = "nnUNetTrainer_Lightning",
         results_dir: str | None = None,
+        enable_deep_supervision: bool = True,
     ) -> None:
         super().__init__()
         self.is_demo = dataset is None
@@ -130,6 +133,7 @@ class NnUNetDataModule(pl.LightningDataModule):
         self.probabilistic_oversampling = probabilistic_oversampling
         self.num_workers = num_workers
         self.seed = seed
+        self.enable_deep_supervision = enable_deep_supervision
         self._train_augmenter = None
         self._val_augmenter = None
         self.batch_size: int | None = None
@@ -149,7 +153,8 @@ class NnUNetDataModule(pl.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        view = recipe.trainer_view(self.spec, oversample_foreground_percent=self.oversample_foreground_percent)
+        view = recipe.trainer_view(self.spec, oversample_foreground_percent=self.oversample_foreground_percent,
+                                   enable_deep_supervision=self.enable_deep_supervision)
         self.batch_size, self.rank_oversample = recipe.batch_size_and_oversample(view)
         self.aug = recipe.augmentation_params(view)
         self.train_keys, self.val_keys = recipe.split(view)

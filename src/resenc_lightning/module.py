@@ -8,6 +8,7 @@ DDP and checkpointing. This module knows nothing about files: it gets a resolved
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 from typing import Any
 
 import lightning.pytorch as pl
@@ -40,7 +41,7 @@ class ResEncUNetModule(pl.LightningModule):
         enable_deep_supervision: deep supervision with nnU-Net's weights.
         compile: torch.compile the network; None follows nnU-Net (on for CUDA unless nnUNet_compile=f).
         channels_last: channels-last (NDHWC) memory format for network and inputs.
-        ema_momentum: weight of the previous EMA pseudo-Dice (nnU-Net: 0.9).
+        ema_momentum: weight of the previous EMA pseudo-Dice (nnU-Net: 0.9; the new value gets 1 - it, in decimal).
         print_epoch_summary: print nnU-Net's per-epoch line (train/val loss, pseudo-Dice, EMA, LR, epoch time).
     """
 
@@ -133,6 +134,13 @@ class ResEncUNetModule(pl.LightningModule):
         """No-op: nnU-Net sets the LR at the *start* of each epoch from the epoch index (see below)."""
 
     # -- training ------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """One deep-supervision flag for network, loss and targets (the CLI links the DataModule's to ours)."""
+        data_ds = getattr(self.trainer.datamodule, "enable_deep_supervision", self.hparams.enable_deep_supervision)
+        if bool(data_ds) != bool(self.hparams.enable_deep_supervision):
+            raise ValueError(f"the DataModule's enable_deep_supervision={data_ds} differs from the model's "
+                             f"{self.hparams.enable_deep_supervision}; set --model.enable_deep_supervision only.")
+
     def on_train_epoch_start(self) -> None:
         scheduler = self.lr_schedulers()
         # nnU-Net rebuilds PolyLR from the current num_epochs and never restores its state; Lightning restores
@@ -169,42 +177,29 @@ class ResEncUNetModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self._val:
             return
-        rows = torch.stack(self._val).cpu().numpy()  # the epoch's only host-device sync for validation
-        n = (rows.shape[1] - 1) // 3
-        # float32 per step, float64 loss sum: the same arithmetic as nnU-Net's per-step numpy arrays
-        losses = rows[:, 0].astype(np.float64)
-        tp, fp, fn = (np.ascontiguousarray(rows[:, 1 + i * n:1 + (i + 1) * n]).sum(axis=0) for i in range(3))
-        train_losses = torch.stack(self._train_losses).float() if self._train_losses else torch.zeros(0)
-        # Sum over ranks before Dice/EMA so the logged value equals the single-process computation.
-        stats = torch.tensor(np.concatenate([tp, fp, fn, [losses.sum(), len(losses)]]), dtype=torch.float64,
-                             device=self.device)
-        train_stats = torch.tensor([float(train_losses.sum()), float(train_losses.numel())],
-                                   dtype=torch.float64, device=self.device)
-        if self.trainer.world_size > 1:
-            stats = self.all_gather(stats).sum(0)
-            train_stats = self.all_gather(train_stats).sum(0)
-        stats = stats.cpu().numpy()
-        n = len(tp)
-        tp, fp, fn = stats[:n], stats[n:2 * n], stats[2 * n:3 * n]
-        val_loss = stats[-2] / max(stats[-1], 1)
-        train_loss = float(train_stats[0] / max(float(train_stats[1]), 1.0))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            dice = 2 * tp / (2 * tp + fp + fn)
-        mean_fg_dice = float(np.nanmean(dice)) if np.any(~np.isnan(dice)) else float("nan")
-        m = self.hparams.ema_momentum
-        self.ema_fg_dice = mean_fg_dice if self.ema_fg_dice is None else m * self.ema_fg_dice + (1 - m) * mean_fg_dice
+        rows = torch.stack(self._val)  # (steps, 1 + 3 classes): loss, tp, fp, fn, float32
+        train = torch.stack(self._train_losses).float() if self._train_losses else rows.new_zeros(0)
+        if self.trainer.world_size > 1:  # every rank runs the same number of steps
+            rows, train = self.all_gather(rows), self.all_gather(train)
+        else:
+            rows, train = rows[None], train[None]
+        # the epoch's only host-device sync for validation; then nnU-Net's float32 numpy arithmetic, bit for bit
+        dice, mean_fg_dice, val_loss = nnunet_validation_figures(list(rows.cpu().numpy()))
+        train_loss = float(nnunet_loss_mean(list(train.cpu().numpy()))) if train.numel() else 0.0
+        self.ema_fg_dice = float(ema_update(self.ema_fg_dice, mean_fg_dice, self.hparams.ema_momentum))
+        mean_fg_dice, val_loss = float(mean_fg_dice), float(val_loss)
         lr = float(self.optimizers().param_groups[0]["lr"])
-        metrics = {"train_loss": train_loss, "val_loss": float(val_loss), "mean_fg_dice": mean_fg_dice,
-                   "ema_fg_dice": float(self.ema_fg_dice), "lr": lr}
+        metrics = {"train_loss": train_loss, "val_loss": val_loss, "mean_fg_dice": mean_fg_dice,
+                   "ema_fg_dice": self.ema_fg_dice, "lr": lr}
         metrics.update({f"dice/{name}": float(d) for name, d in zip(self.class_names(), dice)})
         self._epoch_metrics = metrics
         if self.best_ema is None or self.ema_fg_dice > self.best_ema:
-            self.best_ema = float(self.ema_fg_dice)
+            self.best_ema = self.ema_fg_dice
         self._record("mean_fg_dice", mean_fg_dice)
-        self._record("ema_fg_dice", float(self.ema_fg_dice))
+        self._record("ema_fg_dice", self.ema_fg_dice)
         self._record("dice_per_class_or_region", [float(d) for d in dice])
         self._record("train_losses", train_loss)
-        self._record("val_losses", float(val_loss))
+        self._record("val_losses", val_loss)
         self._record("epoch_end_timestamps", time.time())
 
     def _record(self, key: str, value: Any) -> None:
@@ -230,12 +225,7 @@ class ResEncUNetModule(pl.LightningModule):
 
     def class_names(self) -> list[str]:
         """Foreground label (or region) names in the order of the pseudo-Dice vector."""
-        labels = self.spec.dataset_json["labels"]
-        lm = self.label_manager
-        if lm.has_regions:
-            return [name for name, v in labels.items() if isinstance(v, (list, tuple)) and name != "ignore"]
-        by_value = {int(v): k for k, v in labels.items() if not isinstance(v, (list, tuple))}
-        return [by_value.get(int(i), str(i)) for i in lm.foreground_labels]
+        return dice_names(self.spec.dataset_json["labels"], self.label_manager)
 
     # -- checkpoint state ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -258,6 +248,51 @@ class ResEncUNetModule(pl.LightningModule):
         self.ema_fg_dice = state.get("ema_fg_dice")
         self.best_ema = state.get("best_ema")
         self.nnunet_log = state.get("logging", {k: [] for k in NNUNET_LOG_KEYS})
+
+
+def nnunet_loss_mean(per_rank: list[np.ndarray]) -> np.floating:
+    """nnU-Net's epoch loss: `np.vstack(per-rank per-step float32 losses).mean()` (one rank: `np.mean`)."""
+    return np.vstack([np.ascontiguousarray(r.reshape(-1, 1)) for r in per_rank]).mean()
+
+
+def nnunet_validation_figures(per_rank: list[np.ndarray]) -> tuple[np.ndarray, np.floating, np.floating]:
+    """nnUNetTrainer.on_validation_epoch_end on per-rank (steps, 1 + 3 n) float32 rows [loss, tp, fp, fn]:
+    per rank `np.sum(per-step, 0)`, then `np.vstack(ranks).sum(0)`, Dice per class and its nanmean, mean loss,
+    all in float32 with nnU-Net's operations and shapes, so the values equal nnU-Net's bit for bit."""
+    n = (per_rank[0].shape[1] - 1) // 3
+    tp, fp, fn = (np.vstack([np.ascontiguousarray(r[:, 1 + i * n:1 + (i + 1) * n]).sum(axis=0)[None] for r in per_rank])
+                  .sum(0) for i in range(3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = 2 * tp / (2 * tp + fp + fn)
+    mean_fg_dice = np.nanmean(dice) if np.any(~np.isnan(dice)) else dice.dtype.type(np.nan)
+    return dice, mean_fg_dice, nnunet_loss_mean([r[:, 0] for r in per_rank])
+
+
+def ema_update(old: float | None, new: np.floating, momentum: float = 0.9) -> np.floating:
+    """MetaLogger.log's EMA pseudo-Dice, `old * 0.9 + 0.1 * new`, literally at the default momentum: the new value's
+    weight is the decimal complement of `momentum` (0.1, where 1 - 0.9 is 0.09999999999999998 in floats). Computed in
+    the Dice's dtype as nnU-Net (float32); the previous EMA, kept as a Python float in checkpoints (which hold no
+    numpy objects), is converted back to that dtype first, which is exact."""
+    if old is None:
+        return new
+    if type(old) is float and isinstance(new, np.floating):
+        old = type(new)(old)
+    return old * momentum + float(1 - Decimal(repr(float(momentum)))) * new
+
+
+def dice_names(labels: dict, label_manager) -> list[str]:
+    """dataset.json names of the pseudo-Dice entries: `foreground_labels`, or for region-based datasets
+    `foreground_regions` (LabelManager keeps the labels dict's order; a region may be a single int or a list)."""
+    if not label_manager.has_regions:
+        by_value = {int(v): k for k, v in labels.items() if not isinstance(v, (list, tuple)) and k != "ignore"}
+        return [by_value.get(int(i), str(i)) for i in label_manager.foreground_labels]
+    regions = list(label_manager.foreground_regions)
+    names: list[str] = []
+    for name, value in labels.items():  # walk in LabelManager's order, matching its regions one by one
+        value = tuple(value) if isinstance(value, list) else value
+        if name != "ignore" and len(names) < len(regions) and value == regions[len(names)]:
+            names.append(name)
+    return names + [str(r) for r in regions[len(names):]]
 
 
 def _channels_last(spatial_dims: int) -> torch.memory_format:

@@ -56,11 +56,14 @@ def run_final_validation(network: torch.nn.Module, spec: RunSpec, device: torch.
     view.print_to_log_file = lambda *args, **kwargs: print(*args, flush=True) \
         if kwargs.get("also_print_to_console") and view.local_rank == 0 else None
     was_training = network.training
+    mod = getattr(network, "module", network)
+    had_deep_supervision = bool(getattr(mod, "_orig_mod", mod).decoder.deep_supervision)
     try:
         nnUNetTrainer.perform_actual_validation(view, save_probabilities=False)
     finally:
         network.train(was_training)
-        recipe.set_deep_supervision(network, True)
+        # nnU-Net switches DS on here unconditionally; restoring keeps a DS-off network DS-off
+        recipe.set_deep_supervision(network, had_deep_supervision)
     result = {"summary": str(folder / "validation" / "summary.json"), **log.summary}
     if view.local_rank == 0:
         result["summary_surface"] = str(write_surface_summary(spec, folder / "validation", surface_tolerance_mm))

@@ -1,10 +1,14 @@
 """Epoch wall time, median step time and data-wait fraction; drift vs the fresh run's reference.
 
 The reference (the fresh run's first full epochs) is kept in the checkpoint, so a resumed run is
-compared with the run it continues. On drift beyond ``tolerance`` one warning names the most
-likely cause from the evidence at hand: other processes on the GPU, data loading (more waiting
-for batches), or less memory reserved than the reference (cuDNN picked smaller-workspace, slower
-algorithms).
+compared with the run it continues. A fresh run that stopped before its reference epoch leaves
+none: the next resumed run then takes its own first epoch after `reference_skip_epochs`, marked
+`reference_resumed` ("first resumed run's" in the warning), and later resumes compare with it.
+That reference is second best (it may itself carry a resume-caused slowdown, the drift looked
+for here), but without it drift would never be reported for the run. On drift beyond
+``tolerance`` one warning names the most likely cause from the evidence at hand: other processes
+on the GPU, data loading (more waiting for batches), or less memory reserved than the reference
+(cuDNN picked smaller-workspace, slower algorithms).
 """
 
 from __future__ import annotations
@@ -40,11 +44,13 @@ class EpochTiming(pl.Callback):
         self.reference_skip_epochs = reference_skip_epochs
         self.cuda_sync = cuda_sync
         self.reference: dict[str, float] | None = None
+        self.reference_resumed = False  # taken by a resumed run (the fresh one stopped before its reference epoch)
         self.epochs: list[dict[str, float]] = []
         self.warning: str | None = None
         self._warned = False
-        self._fresh_start_epoch: int | None = None
+        self._start_epoch: int | None = None  # this process's first epoch
         self._restored = False
+        self._compare = False  # a reference came with the checkpoint: this run checks for drift against it
         self._reset()
 
     def _reset(self) -> None:
@@ -61,8 +67,8 @@ class EpochTiming(pl.Callback):
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._fresh_start_epoch is None:
-            self._fresh_start_epoch = trainer.current_epoch
+        if self._start_epoch is None:
+            self._start_epoch = trainer.current_epoch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
@@ -98,7 +104,7 @@ class EpochTiming(pl.Callback):
             metrics.update(self._per_rank(pl_module, record))
         pl_module.log_dict(metrics, on_step=False, on_epoch=True)
         self._update_reference(trainer, record)
-        if self._restored and self.reference is not None and not self._warned:
+        if self._compare and not self._warned:
             self._check_drift(trainer, pl_module, record)
 
     @staticmethod
@@ -111,11 +117,13 @@ class EpochTiming(pl.Callback):
                 for i, key in enumerate(keys)}
 
     def _update_reference(self, trainer: pl.Trainer, record: dict[str, float]) -> None:
-        """The first epoch after `reference_skip_epochs` of a fresh (never resumed) run is the reference."""
-        if self.reference is not None or self._restored:
+        """The first epoch after `reference_skip_epochs` of this process is the reference if there is none yet: the
+        fresh run's, or (when the fresh run stopped before it) the first resumed run's, marked `reference_resumed`."""
+        if self.reference is not None:
             return
-        if trainer.current_epoch - (self._fresh_start_epoch or 0) >= self.reference_skip_epochs:
+        if trainer.current_epoch - (self._start_epoch or 0) >= self.reference_skip_epochs:
             self.reference = dict(record)
+            self.reference_resumed = self._restored
 
     def _check_drift(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict[str, float]) -> None:
         ref = self.reference
@@ -127,7 +135,8 @@ class EpochTiming(pl.Callback):
         cause = self.likely_cause(record, ref, pl_module)
         self.warning = (
             f"EpochTiming: resumed epoch {int(record['epoch'])} median step {record['step_median_s'] * 1000:.0f} ms is "
-            f"{ratio - 1:+.0%} vs the fresh run's {ref['step_median_s'] * 1000:.0f} ms (epoch {int(ref['epoch'])}). "
+            f"{ratio - 1:+.0%} vs the {'first resumed' if self.reference_resumed else 'fresh'} run's "
+            f"{ref['step_median_s'] * 1000:.0f} ms (epoch {int(ref['epoch'])}). "
             f"Likely cause: {cause}"
         )
         rank_report.warn(self.warning)
@@ -160,9 +169,11 @@ class EpochTiming(pl.Callback):
 
     # -- checkpoint state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": self.reference, "epochs": self.epochs}
+        return {"reference": self.reference, "reference_resumed": self.reference_resumed, "epochs": self.epochs}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reference = state_dict.get("reference")
+        self.reference_resumed = bool(state_dict.get("reference_resumed", False))
         self.epochs = list(state_dict.get("epochs", []))
         self._restored = True
+        self._compare = self.reference is not None
