@@ -22,6 +22,7 @@ NO_VAL = ("--final_validation", "false")
 
 
 def _run(folder, *extra, epochs=1):
+    torch._dynamo.reset()  # a fresh dynamo cache per run: its recompile limit is shared by every compiled module
     return main(tiny_args(folder, *extra, epochs=epochs, iters=2, val_iters=1))
 
 
@@ -96,3 +97,16 @@ def test_loss_follows_nnunet_build_loss_with_compile_on_and_off(tiny_dataset, re
     assert isinstance(model.loss.loss.dc, OptimizedModule) is isinstance(ref.loss.dc, OptimizedModule) is compiled
     assert (model.network._compiled_call_impl is not None) is compiled
     assert not [k for k in model.state_dict() if "_orig_mod" in k or "_forward_impl" in k]
+
+
+def test_checkpoints_of_compiled_runs_from_before_the_fix_still_load(tiny_dataset, results_dir):
+    """Those held every weight twice, the second copy as `_forward_impl._orig_mod.*`."""
+    from resenc_lightning.module import drop_compiled_duplicates
+
+    model = build_cli(tiny_args(results_dir)).model
+    state = model.state_dict()
+    old = {**state, **{f"_forward_impl._orig_mod.{k.removeprefix('network.')}": v for k, v in state.items()}}
+    checkpoint = {"state_dict": old, "nnunet": {}}
+    model.on_load_checkpoint(checkpoint)  # Lightning's --resume path, before its strict load
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    model.load_state_dict(drop_compiled_duplicates(dict(old)), strict=True)  # --validate_only's path
