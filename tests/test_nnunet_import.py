@@ -95,3 +95,25 @@ def test_resume_from_native_nnunet_continues_epoch_lr_ema_and_logging(tiny_datas
     assert (out / "checkpoints" / "imported_from_nnunet.ckpt").is_file()
     for dl in (dl_train, dl_val):
         getattr(dl, "_finish", lambda: None)()
+
+
+@pytest.mark.parametrize("native_best, written", [(0.99, False), (-1.0, True)])
+def test_resume_from_nnunet_continues_best_tracking_from_the_native_best_ema(tiny_dataset, tmp_path, native_best,
+                                                                             written):
+    """best.ckpt and checkpoint_best.pth are only written when the EMA beats the native run's `_best_ema`."""
+    source = main(tiny_args(tmp_path / "native", "--final_validation", "false", epochs=1, iters=1, val_iters=1))
+    native = torch.load(source / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    native["_best_ema"] = native_best
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save(native, path)
+    out = main(tiny_args(tmp_path / "resumed", "--resume_from_nnunet", str(path), "--final_validation", "false",
+                         epochs=2, iters=1, val_iters=1))
+    assert (out / "checkpoints" / "best.ckpt").is_file() is written
+    assert (out / "checkpoint_best.pth").is_file() is written
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ema = last["nnunet"]["logging"]["ema_fg_dice"][-1]
+    assert last["nnunet"]["best_ema"] == (ema if written else native_best)
+    # the best ModelCheckpoint's state as it stood after this epoch (last.ckpt is written before it updates)
+    after = torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False) if written else last
+    best_state = next(v for k, v in after["callbacks"].items() if "'monitor': 'ema_fg_dice'" in k)
+    assert float(best_state["best_model_score"]) == pytest.approx(ema if written else native_best)

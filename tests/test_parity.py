@@ -190,3 +190,47 @@ def test_logged_losses_pseudo_dice_and_ema_equal_nnunets_logger_bit_for_bit(monk
         assert np.array_equal(ours_dice, [float(d) for d in native_dice], equal_nan=True)
         assert ours.ema_fg_dice == float(log["ema_fg_dice"][epoch])
     assert len({round(v, 3) for v in log["ema_fg_dice"]}) > 10  # the sequence moves
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_one_lightning_training_step_equals_nnunet_train_step(tiny_dataset, results_dir, compiled):
+    """The real Lightning step (our module, TRAINER_DEFAULTS' norm-12 clipping, SGD Nesterov) and
+    nnUNetTrainer.train_step, from the same weights, optimizer state and batch, on the CPU in fp32: weights,
+    momentum buffers and loss are bit-identical. Compiled: both sides compile network and Dice loss (inductor)."""
+    import lightning.pytorch as pl
+
+    from resenc_lightning.cli import TRAINER_DEFAULTS
+
+    cli = build_cli(tiny_args(results_dir, "--model.compile", str(compiled).lower(), epochs=1, iters=1, val_iters=1))
+    ours, dm = cli.model, cli.datamodule
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    dm.teardown("fit")
+    ref = native_trainer(tiny_dataset, "3d_fullres")
+    ours.network.load_state_dict(ref.network.state_dict(), strict=True)
+    if compiled:  # what nnUNetTrainer.initialize does when _do_i_compile() (it is never true on the CPU)
+        torch._dynamo.reset()  # so that no earlier test's compiled modules count towards the recompile limit
+        ref._do_i_compile = lambda: True
+        ref.loss = ref._build_loss()
+        ref.network = torch.compile(ref.network)
+    ref.network.train()
+    ref.lr_scheduler.step(0)  # nnUNetTrainer.on_train_epoch_start
+    ref_loss = ref.train_step(copy.deepcopy(batch))["loss"]
+
+    trainer = pl.Trainer(**{**TRAINER_DEFAULTS, "num_sanity_val_steps": 0}, max_epochs=1, limit_val_batches=0,
+                         accelerator="cpu", precision="32-true", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(ours, train_dataloaders=torch.utils.data.DataLoader([copy.deepcopy(batch)], batch_size=None))
+    assert trainer.global_step == 1
+    assert float(ours._train_losses[0]) == float(ref_loss)
+    mine = ours.network.state_dict()
+    theirs = {k.removeprefix("_orig_mod."): v for k, v in ref.network.state_dict().items()}
+    assert list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    ours_opt = trainer.optimizers[0]
+    # the lowest-resolution head has DS weight 0, so no gradient and no momentum buffer, on both sides
+    buffers = [(ours_opt.state[a].get("momentum_buffer"), ref.optimizer.state[b].get("momentum_buffer"))
+               for a, b in zip(ours.network.parameters(), ref.network.parameters(), strict=True)]
+    assert sum(a is not None for a, _ in buffers) > len(buffers) // 2
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in buffers)
+    hyper = [{k: v for k, v in opt.param_groups[0].items() if k != "params"} for opt in (ours_opt, ref.optimizer)]
+    assert hyper[0] == hyper[1] and hyper[0]["nesterov"]  # lr, momentum, weight decay, Nesterov

@@ -33,7 +33,7 @@ from resenc_lightning.callbacks.memory_cap import CudaMemoryCap, MemoryTargetErr
 from resenc_lightning.callbacks.nnunet_export import NnUNetExport
 from resenc_lightning.callbacks.rng_state import RNGStateCheckpoint
 from resenc_lightning.data import NnUNetDataModule
-from resenc_lightning.module import ResEncUNetModule
+from resenc_lightning.module import ResEncUNetModule, drop_compiled_duplicates
 from resenc_lightning.plans import RunSpec, RunSpecError
 from resenc_lightning.resume import CheckpointError, CheckpointInfo, choose_resume_checkpoint, read_checkpoint_info
 
@@ -239,7 +239,7 @@ class ResEncLightningCLI(LightningCLI):
             raise UsageError(f"--validate_only needs {path}, which does not exist; train this fold first "
                              f"(or drop --val_best to use {LAST_CHECKPOINT}).")
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-        self.model.load_state_dict(state, strict=True)
+        self.model.load_state_dict(drop_compiled_duplicates(state), strict=True)
         return f"checkpoint {path}"
 
     def slurm_requeue(self) -> tuple[bool, CheckpointInfo | None]:

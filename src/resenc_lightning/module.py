@@ -39,7 +39,8 @@ class ResEncUNetModule(pl.LightningModule):
         num_epochs: length of the PolyLR schedule; None = trainer.max_epochs (nnU-Net: 1000).
         poly_exponent: PolyLR exponent (nnU-Net: 0.9).
         enable_deep_supervision: deep supervision with nnU-Net's weights.
-        compile: torch.compile the network; None follows nnU-Net (on for CUDA unless nnUNet_compile=f).
+        compile: torch.compile the network and the Dice loss; None follows nnU-Net (on for CUDA unless
+            nnUNet_compile=f).
         channels_last: channels-last (NDHWC) memory format for network and inputs.
         ema_momentum: weight of the previous EMA pseudo-Dice (nnU-Net: 0.9; the new value gets 1 - it, in decimal).
         print_epoch_summary: print nnU-Net's per-epoch line (train/val loss, pseudo-Dice, EMA, LR, epoch time).
@@ -64,6 +65,7 @@ class ResEncUNetModule(pl.LightningModule):
             raise ValueError("ResEncUNetModule needs a RunSpec (the CLI links it from the DataModule).")
         self.save_hyperparameters(ignore=["spec"])
         self.spec: RunSpec = spec
+        # compile and DDP are only known on the device: configure_model rebuilds view and loss there
         self.view = recipe.trainer_view(spec, enable_deep_supervision=enable_deep_supervision,
                                         compile_network=False)
         self.network = recipe.build_network(self.view)
@@ -75,7 +77,6 @@ class ResEncUNetModule(pl.LightningModule):
         self.nnunet_log: dict[str, list] = {k: [] for k in NNUNET_LOG_KEYS}
         self._train_losses: list[torch.Tensor] = []
         self._val: list[torch.Tensor] = []  # per step [loss, tp..., fp..., fn...], on the device until epoch end
-        self._forward_impl = None
         self._epoch_metrics: dict[str, float] | None = None
         self._epoch_start = time.time()
 
@@ -99,28 +100,29 @@ class ResEncUNetModule(pl.LightningModule):
         return int(max_epochs) if max_epochs and max_epochs > 0 else 1000
 
     # -- model ---------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        """Under DDP, rebuild the loss as nnU-Net does after process-group init: batch Dice all-gathers its
-        statistics with gradient (`ddp=True`) and the last deep-supervision weight becomes 1e-6 instead of 0."""
-        if recipe.is_distributed() and not self.view.is_ddp:
-            self.view = recipe.trainer_view(self.spec, enable_deep_supervision=self.hparams.enable_deep_supervision,
-                                            compile_network=False)
-            self.loss = recipe.build_loss(self.view)
-
     def configure_model(self) -> None:
+        """Decide compile against the device training runs on, then build the loss and compile as nnU-Net does.
+
+        Lightning calls this after the process group is up and before the module is moved, so the device is the
+        strategy's root device, not `self.device` (still the CPU here). nnUNetTrainer._build_loss compiles the
+        Dice part of the loss with the network and picks the last deep-supervision weight from is_ddp and compile
+        (1e-6 under DDP without compile, else 0); building the loss from the same view keeps both decisions its.
+        The network is compiled in place (`nn.Module.compile`), so state_dict keys stay nnU-Net's `network.*`.
+        """
         if self.hparams.channels_last:
             self.network = self.network.to(memory_format=_channels_last(len(self.patch_size)))
-        compile_network = self.hparams.compile
-        if compile_network is None:
-            compile_network = recipe.compile_requested(self.device)
-        # The compiled wrapper is kept outside the module tree so state_dict keys stay nnU-Net's.
-        self._forward_impl = torch.compile(self.network) if compile_network else None
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+        self.view = recipe.trainer_view(self.spec, device=device,
+                                        enable_deep_supervision=self.hparams.enable_deep_supervision,
+                                        compile_network=self.hparams.compile)
+        self.loss = recipe.build_loss(self.view)
+        if self.view._do_i_compile():
+            self.network.compile()
 
     def forward(self, x: torch.Tensor):
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=_channels_last(x.ndim - 2))
-        fn = self._forward_impl if self._forward_impl is not None else self.network
-        return fn(x)
+        return self.network(x)
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.network.parameters(), lr=self.hparams.initial_lr,
@@ -245,6 +247,7 @@ class ResEncUNetModule(pl.LightningModule):
                 f"checkpoint was trained on {'/'.join(theirs)} but this run is {'/'.join(ours)}; "
                 f"resume with the same --dataset/--plans/--configuration/--fold or start a new run."
             )
+        drop_compiled_duplicates(checkpoint.get("state_dict", {}))
         self.ema_fg_dice = state.get("ema_fg_dice")
         self.best_ema = state.get("best_ema")
         self.nnunet_log = state.get("logging", {k: [] for k in NNUNET_LOG_KEYS})
@@ -293,6 +296,14 @@ def dice_names(labels: dict, label_manager) -> list[str]:
         if name != "ignore" and len(names) < len(regions) and value == regions[len(names)]:
             names.append(name)
     return names + [str(r) for r in regions[len(names):]]
+
+
+def drop_compiled_duplicates(state_dict: dict) -> dict:
+    """Checkpoints of compiled runs written before the network was compiled in place also held every weight as
+    `_forward_impl._orig_mod.*`: drop that copy so they still load strictly."""
+    for key in [k for k in state_dict if k.startswith("_forward_impl.")]:
+        del state_dict[key]
+    return state_dict
 
 
 def _channels_last(spatial_dims: int) -> torch.memory_format:

@@ -96,7 +96,8 @@ def lightning_checkpoint_from_native(native: dict, trainer, model, num_iteration
     optimizer = model.configure_optimizers()
     checkpoint = {
         "epoch": done - 1, "global_step": steps, "pytorch-lightning_version": _lightning_version(),
-        "state_dict": model.state_dict(), "loops": loops, "callbacks": {},
+        "state_dict": model.state_dict(), "loops": loops,
+        "callbacks": best_tracking_states(trainer, native.get("_best_ema")),
         "optimizer_states": [native["optimizer_state"]],
         "lr_schedulers": [optimizer["lr_scheduler"]["scheduler"].state_dict()],
         "nnunet": {"ema_fg_dice": ema[-1], "best_ema": native.get("_best_ema"), "logging": logging,
@@ -107,6 +108,31 @@ def lightning_checkpoint_from_native(native: dict, trainer, model, num_iteration
     if scaler_state is not None:
         checkpoint[type(trainer.precision_plugin).__qualname__] = scaler_state
     return checkpoint
+
+
+def best_tracking_states(trainer, best_ema: float | None) -> dict:
+    """Callback states that continue the native run's best EMA pseudo-Dice (`_best_ema`): the `ema_fg_dice`
+    ModelCheckpoint (best.ckpt) and the nnU-Net export (checkpoint_best.pth) then only write when the EMA beats it,
+    as nnU-Net does after --c. The native best has no .ckpt here; its score stands for it under best.ckpt's name."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from resenc_lightning.callbacks.nnunet_export import NnUNetExport
+
+    if best_ema is None:
+        return {}
+    states = {}
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.monitor == "ema_fg_dice" and callback.mode == "max" \
+                and callback.dirpath:
+            score = torch.tensor(float(best_ema))
+            path = callback.format_checkpoint_name({})
+            state = callback.state_dict()
+            state.update(best_model_score=score, best_model_path=path, current_score=score, best_k_models={path: score},
+                         kth_best_model_path=path, kth_value=score)
+            states[callback.state_key] = state
+        elif isinstance(callback, NnUNetExport):
+            states[callback.state_key] = {"exported_best": float(best_ema)}
+    return states
 
 
 def _set_progress(progress: dict, total: int, current: int) -> None:

@@ -9,7 +9,6 @@ is therefore by construction; the tests check it against a real `nnUNetTrainer` 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -145,9 +144,3 @@ def n_proc_da() -> int:
 
     return int(get_allowed_n_proc_DA())
 
-
-def compile_requested(device: torch.device) -> bool:
-    """nnU-Net's compile default: on for CUDA unless `nnUNet_compile` says otherwise, off elsewhere."""
-    if device.type != "cuda" or os.name == "nt":
-        return False
-    return os.environ.get("nnUNet_compile", "true").lower() in ("true", "1", "t")
