@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -198,3 +199,25 @@ def test_sigterm_saves_the_current_step_stops_workers_and_resume_finishes_the_ep
     done = load(last)
     assert done["epoch"] == 1 and done["global_step"] == epochs * iters
     assert len(done["nnunet"]["logging"]["train_losses"]) == epochs
+
+
+def test_the_pause_hook_holds_the_run_at_its_step_until_released(tiny_dataset, tmp_path, monkeypatch):
+    """What the tests above rely on: at its event the process waits for the test, so no machine is too fast."""
+    marker = tmp_path / "paused"
+    monkeypatch.setenv(PAUSE_ENV, f"step=3@{marker}")
+    ckpts = tmp_path / FOLD / "checkpoints"
+    seen = {}
+
+    def test_side() -> None:
+        wait_for(marker.exists, 240)
+        seen.update(note=marker.read_text(), left=marker.with_name("paused.left").exists(),
+                    checkpoints=sorted(p.name for p in ckpts.glob("*.ckpt")))
+        marker.with_name("paused.release").touch()
+
+    thread = threading.Thread(target=test_side)
+    thread.start()
+    main(run_args(tmp_path, epochs=2, iters=4))  # in this thread; returns only after the release
+    thread.join()
+    assert seen == {"note": "epoch 0 step 3", "left": False, "checkpoints": []}
+    assert marker.with_name("paused.left").read_text() == "epoch 0 step 3"
+    assert load(ckpts / "last.ckpt")["global_step"] == 8

@@ -128,3 +128,38 @@ def test_requeue_checkpoint_is_written_at_a_step_boundary_not_inside_the_signal_
     progress = hpc["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
     assert hpc["global_step"] == 3  # the step the signal arrived in was finished, then saved
     assert progress["started"] == progress["processed"] == progress["completed"] == 3, progress
+
+
+def test_two_ranks_agree_on_the_requeue_step_when_only_one_was_signalled(tiny_dataset, results_dir, tmp_path):
+    """SLURM signals every rank, but not within the same step: any rank's signal stops all ranks after one common
+    step, where the hpc checkpoint (with each rank's RNG streams) is written and the job requeued once."""
+    slurm, calls = fake_slurm(tmp_path, ntasks=2)
+    marker = tmp_path / "paused"
+    args = tiny_args(results_dir, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                     "--final_validation", "false", "--nnunet_export.plot_progress", "false", epochs=3, iters=4,
+                     val_iters=1)
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, **slurm, "SLURM_JOB_ID": "4343", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+               PAUSE_ENV: f"step=6@{marker}", "OMP_NUM_THREADS": "1", "nnUNet_def_n_proc": "1"}
+        log = (tmp_path / f"rank{rank}.log").open("w")
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
+    try:
+        rank0, rank1 = (marker.with_name(f"paused.rank{r}") for r in (0, 1))
+        wait_for(lambda: rank0.exists() and rank1.exists(), procs[0], "both ranks at step 6")
+        procs[1].send_signal(signal.SIGUSR1)  # rank 1 only
+        wait_for(rank1.with_name(rank1.name + ".left").exists, procs[1], "rank 1 to take the signal")
+        rank0.with_name(rank0.name + ".release").touch()  # rank 0 continues without a signal of its own
+        codes = [p.wait(180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    logs = "".join((tmp_path / f"rank{r}.log").read_text()[-2000:] for r in (0, 1))
+    assert codes == [128 + signal.SIGUSR1] * 2, logs
+    assert calls.read_text().split() == ["requeue", "4343"], logs  # once, by rank 0
+    fold = results_dir / f"Dataset{TINY_ID}_Tiny" / f"nnUNetTrainer_Lightning__{TINY_PLANS}__3d_fullres" / "fold_0"
+    hpc = torch.load(fold / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    assert hpc["global_step"] == 6
+    assert len(hpc["callbacks"]["RNGStateCheckpoint"]["rng_states_per_rank"]) == 2
