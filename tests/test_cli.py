@@ -59,3 +59,21 @@ def test_help_documents_the_options(capsys):
                    "--data.num_iterations_per_epoch", "--model.initial_lr", "--trainer.max_epochs",
                    "--print_config", "--config"):
         assert option in text, option
+
+
+def _printed(args: list[str], capsys) -> dict:
+    with pytest.raises(SystemExit) as e:
+        build_cli([*args, "--print_config"])
+    assert e.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("flag", ["resume", "validate_only", "val_best", "deterministic", "memcheck"])
+def test_boolean_flags_work_bare_as_in_nnunet(flag, capsys):
+    assert _printed([f"--{flag}"], capsys)[flag] is True  # nnU-Net's `--c` style
+    assert _printed([f"--{flag}", "--fold", "3"], capsys)[flag] is True  # bare, followed by another option
+    assert _printed([f"--{flag}", "--fold", "3"], capsys)["fold"] == "3"
+    assert _printed([f"--{flag}", "true"], capsys)[flag] is True
+    assert _printed([f"--{flag}", "false"], capsys)[flag] is False
+    assert _printed([], capsys)[flag] is False
+    assert _printed(["--final_validation", "false"], capsys)["final_validation"] is False

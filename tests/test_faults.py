@@ -1,7 +1,9 @@
-"""Real processes, real signals: kill -9 at random moments (steps and checkpoint writes) and SIGTERM.
+"""Real processes, real signals: kill -9 at random moments (steps, validation, checkpoint writes) and SIGTERM.
 
 Every run is `python train.py` on the tiny dataset, deterministic (--seed, --deterministic, in-process
 augmentation, one thread), so an interrupted-and-resumed run must end bit-identical to an uninterrupted one.
+Kills and signals land at events, never after a sleep: the test-only pause hook (`fault_hooks.py`) stops the
+process at a chosen step, validation or write and waits there, so a fast machine cannot finish first.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,8 +22,10 @@ import torch
 from conftest import tiny_args
 
 import resenc_lightning
-from resenc_lightning.atomic import TMP_MARKER, WRITE_DELAY_ENV
+from resenc_lightning.atomic import TMP_MARKER
 from resenc_lightning.cli import main
+from resenc_lightning.fault_hooks import PAUSE_ENV
+from resenc_lightning.resume import choose_resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 FOLD = Path("Dataset555_Tiny") / "nnUNetTrainer_Lightning__nnUNetResEncUNetLPlans_tiny__3d_fullres" / "fold_0"
@@ -82,6 +87,17 @@ def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None, po
     return False
 
 
+def pause_at(event: str, marker: Path) -> dict[str, str]:
+    """Environment for the test-only pause hook: stop at `event` (step=N, val=E, write=NAME) and wait."""
+    marker.unlink(missing_ok=True)
+    return {PAUSE_ENV: f"{event}@{marker}"}
+
+
+def paused(marker: Path, proc: subprocess.Popen) -> bool:
+    """Wait (event-driven: the file appears when the process is held) until the process is paused at its event."""
+    return wait_for(marker.exists, 240, proc)
+
+
 def temporaries(results: Path) -> list[Path]:
     return [p for p in results.rglob("*") if TMP_MARKER in p.name]
 
@@ -107,32 +123,33 @@ def assert_same_training(a: dict, b: dict) -> None:
 
 def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(tiny_dataset, tmp_path):
     epochs, iters = 6, 4
+    total = epochs * iters
     reference = spawn(tmp_path / "reference", epochs=epochs, iters=iters)  # runs alongside the trials
     results = tmp_path / "killed"
     ckpts = results / FOLD / "checkpoints"
+    marker = tmp_path / "paused"
     rng = random.Random(0)
     modes = ["checkpoint_write", "step", "random", "step", "checkpoint_write", "step"]
     kills = []
     for mode in modes:
-        resume = ("--resume", "true") if ckpts.is_dir() and any(ckpts.glob("*.ckpt")) else ()
-        before = mtime(ckpts / "last.ckpt")
-        proc = spawn(results, *resume, epochs=epochs, iters=iters,
-                     env={WRITE_DELAY_ENV: "1.5"} if mode == "checkpoint_write" else None)
-        if mode == "checkpoint_write":  # SIGKILL while last.ckpt's temporary file is written and not yet renamed
-            hit = wait_for(lambda: any(ckpts.glob(f".last.ckpt{TMP_MARKER}*")), 240, proc, poll=0.005)
-        elif mode == "step":  # SIGKILL during the steps of the epoch after the first checkpoint of this process
-            hit = wait_for(lambda before=before: mtime(ckpts / "last.ckpt") != before, 240, proc)
-            time.sleep(rng.uniform(0.05, 0.6))
-        else:  # anywhere: start-up, data, steps, validation or a write
-            hit = wait_for(lambda: False, rng.uniform(1.0, 10.0), proc)
-            hit = proc.poll() is None
+        resumed = choose_resume_checkpoint(ckpts, "last.ckpt")[0].global_step if any(ckpts.glob("*.ckpt")) else 0
+        resume = ("--resume", "true") if resumed else ()
+        if mode == "checkpoint_write":  # while last.ckpt's temporary file is written and not yet renamed
+            event = "write=last.ckpt"
+        elif mode == "step":  # during the epoch after this process's first checkpoint
+            event = f"step={min(total, resumed + iters + rng.randint(1, iters))}"
+        else:  # random: any step or validation ahead of the resume point
+            event = rng.choice([f"step={rng.randint(resumed + 1, total)}",
+                                f"val={rng.randint(resumed // iters, epochs - 1)}"])
+        proc = spawn(results, *resume, epochs=epochs, iters=iters, env=pause_at(event, marker))
+        hit = paused(marker, proc)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
-            kills.append((mode, hit, sorted(p.name for p in temporaries(results))))
-        assert proc.returncode in (-signal.SIGKILL, 0), log_of(results)
-    assert sum(1 for _, hit, _ in kills if hit) >= 5, kills
-    assert any(mode == "checkpoint_write" and tmp for mode, hit, tmp in kills), kills  # a write was really cut
+            kills.append((event, hit, sorted(p.name for p in temporaries(results))))
+        assert proc.returncode == -signal.SIGKILL, log_of(results)
+    assert len(kills) == len(modes) and all(hit for _, hit, _ in kills), kills
+    assert all(tmp for event, _, tmp in kills if event.startswith("write")), kills  # each write was really cut
     final = spawn(results, "--resume", "true", epochs=epochs, iters=iters)
     assert final.wait(600) == 0, log_of(results)
     assert reference.wait(600) == 0, log_of(tmp_path / "reference")
@@ -146,11 +163,13 @@ def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(tiny_
 
 
 def test_kill_9_leaves_no_augmentation_workers(tiny_dataset, tmp_path):
-    proc = spawn(tmp_path, epochs=50, iters=5, env={"nnUNet_n_proc_DA": "2"})
-    workers: set[int] = set()
-    assert wait_for(lambda: len(workers.update(descendants(proc.pid)) or workers) >= 2, 240, proc), log_of(tmp_path)
-    assert wait_for(lambda: (tmp_path / FOLD / "checkpoints" / "last.ckpt").exists(), 240, proc), log_of(tmp_path)
-    workers |= descendants(proc.pid)
+    iters = 5
+    marker = tmp_path / "paused"
+    proc = spawn(tmp_path, epochs=2, iters=iters, env={"nnUNet_n_proc_DA": "2", **pause_at(f"step={iters + 2}", marker)})
+    assert paused(marker, proc), log_of(tmp_path)  # held in epoch 1, after last.ckpt of epoch 0
+    assert (tmp_path / FOLD / "checkpoints" / "last.ckpt").exists()
+    workers = descendants(proc.pid)
+    assert len(workers) >= 2, "expected augmentation worker processes"
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert wait_for(lambda: not alive(workers), 20), f"orphaned augmentation workers: {alive(workers)}"
@@ -158,19 +177,19 @@ def test_kill_9_leaves_no_augmentation_workers(tiny_dataset, tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM])
 def test_sigterm_saves_the_current_step_stops_workers_and_resume_finishes_the_epoch(tiny_dataset, tmp_path, signum):
-    epochs, iters = 2, 24
-    proc = spawn(tmp_path, epochs=epochs, iters=iters, env={"nnUNet_n_proc_DA": "2"})
+    epochs, iters, stop_at = 2, 6, 9  # a step in epoch 1's middle
+    marker = tmp_path / "paused"
+    proc = spawn(tmp_path, epochs=epochs, iters=iters, env={"nnUNet_n_proc_DA": "2", **pause_at(f"step={stop_at}", marker)})
     last = tmp_path / FOLD / "checkpoints" / "last.ckpt"
-    assert wait_for(last.exists, 240, proc), log_of(tmp_path)
-    time.sleep(0.6)  # into epoch 1's steps
+    assert paused(marker, proc), log_of(tmp_path)
     workers = descendants(proc.pid)
     assert workers, "expected augmentation worker processes"
-    proc.send_signal(signum)
+    proc.send_signal(signum)  # ends the pause: the step finishes, the loop stops
     assert proc.wait(120) == 128 + signum, log_of(tmp_path)
     assert not alive(workers), "augmentation workers outlived a clean stop"
     ckpt = load(last)
     step = ckpt["global_step"]
-    assert ckpt["epoch"] == 1 and iters < step < 2 * iters, (step, log_of(tmp_path))
+    assert ckpt["epoch"] == 1 and step == stop_at, (step, log_of(tmp_path))
     progress = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
     assert progress == step - iters  # a mid-epoch checkpoint at exactly the step that finished
     assert f"Stopped by SIGTERM at epoch 1, step {step}" in log_of(tmp_path)
@@ -180,3 +199,25 @@ def test_sigterm_saves_the_current_step_stops_workers_and_resume_finishes_the_ep
     done = load(last)
     assert done["epoch"] == 1 and done["global_step"] == epochs * iters
     assert len(done["nnunet"]["logging"]["train_losses"]) == epochs
+
+
+def test_the_pause_hook_holds_the_run_at_its_step_until_released(tiny_dataset, tmp_path, monkeypatch):
+    """What the tests above rely on: at its event the process waits for the test, so no machine is too fast."""
+    marker = tmp_path / "paused"
+    monkeypatch.setenv(PAUSE_ENV, f"step=3@{marker}")
+    ckpts = tmp_path / FOLD / "checkpoints"
+    seen = {}
+
+    def test_side() -> None:
+        wait_for(marker.exists, 240)
+        seen.update(note=marker.read_text(), left=marker.with_name("paused.left").exists(),
+                    checkpoints=sorted(p.name for p in ckpts.glob("*.ckpt")))
+        marker.with_name("paused.release").touch()
+
+    thread = threading.Thread(target=test_side)
+    thread.start()
+    main(run_args(tmp_path, epochs=2, iters=4))  # in this thread; returns only after the release
+    thread.join()
+    assert seen == {"note": "epoch 0 step 3", "left": False, "checkpoints": []}
+    assert marker.with_name("paused.left").read_text() == "epoch 0 step 3"
+    assert load(ckpts / "last.ckpt")["global_step"] == 8

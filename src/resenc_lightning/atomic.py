@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,9 +21,9 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from resenc_lightning.fault_hooks import PAUSE_ENV, pause_before_rename
+
 TMP_MARKER = ".tmp-"
-#: Test hook: seconds to sleep between writing the temporary file and renaming it (kill -9 tests aim there).
-WRITE_DELAY_ENV = "RESENC_LIGHTNING_TEST_WRITE_DELAY"
 
 
 class CheckpointWriteError(OSError):
@@ -45,9 +44,8 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
-        if delay:
-            time.sleep(delay)
+        if PAUSE_ENV in os.environ:  # test-only: kill -9 tests aim between fsync and rename
+            pause_before_rename(path)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)

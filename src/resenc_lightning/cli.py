@@ -33,6 +33,7 @@ from resenc_lightning.callbacks.memory_cap import CudaMemoryCap, MemoryTargetErr
 from resenc_lightning.callbacks.nnunet_export import NnUNetExport
 from resenc_lightning.callbacks.rng_state import RNGStateCheckpoint
 from resenc_lightning.data import NnUNetDataModule
+from resenc_lightning.fault_hooks import PauseAt
 from resenc_lightning.module import ResEncUNetModule, drop_compiled_duplicates
 from resenc_lightning.plans import RunSpec, RunSpecError
 from resenc_lightning.resume import CheckpointError, CheckpointInfo, choose_resume_checkpoint, read_checkpoint_info
@@ -46,6 +47,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "check_val_every_n_epoch": 1,
     "log_every_n_steps": 50,
 }
+#: Our boolean options also work bare, as nnU-Net's flags (`--resume` = `--resume true`; `--resume false` still works).
+BARE_FLAG: dict[str, Any] = {"nargs": "?", "const": True}
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -70,20 +73,20 @@ class ResEncLightningCLI(LightningCLI):
         parser.add_argument("--configuration", type=str | None, default=None,
                             help="Plans configuration: 3d_fullres (default), 3d_lowres, 2d or a custom one.")
         parser.add_argument("--fold", type=str, default="0", help="Fold 0-4 of nnU-Net's split, or 'all'.")
-        parser.add_argument("--resume", type=bool, default=False,
+        parser.add_argument("--resume", type=bool, default=False, **BARE_FLAG,
                             help="Continue from the fold's last checkpoint (nnU-Net's --c).")
         parser.add_argument("--save_every", type=int, default=50,
                             help="Keep a snapshot checkpoint, and refresh nnU-Net's checkpoint_latest.pth, every N epochs "
                                  "(nnU-Net's save_every).")
-        parser.add_argument("--memcheck", type=bool, default=False,
+        parser.add_argument("--memcheck", type=bool, default=False, **BARE_FLAG,
                             help="Run one real training step at the plans' batch and patch on the GPU and report "
                                  "peak memory against the card and the plans' VRAM target; no training.")
-        parser.add_argument("--final_validation", type=bool, default=True,
+        parser.add_argument("--final_validation", type=bool, default=True, **BARE_FLAG,
                             help="After training, nnU-Net's final validation: sliding-window prediction of the fold's "
                                  "validation cases, validation/summary.json, plus validation/summary_surface.json.")
-        parser.add_argument("--validate_only", type=bool, default=False,
+        parser.add_argument("--validate_only", type=bool, default=False, **BARE_FLAG,
                             help="Only run the final validation from the fold's last checkpoint (nnU-Net's --val).")
-        parser.add_argument("--val_best", type=bool, default=False,
+        parser.add_argument("--val_best", type=bool, default=False, **BARE_FLAG,
                             help="With --validate_only: use the best (EMA pseudo-Dice) checkpoint (nnU-Net's --val_best).")
         parser.add_argument("--init_from_nnunet", type=str | None, default=None,
                             help="Initialise the network from a native nnU-Net checkpoint_*.pth (weights only, "
@@ -93,10 +96,10 @@ class ResEncLightningCLI(LightningCLI):
                                  "epoch, EMA/best, logging), with our callbacks; loaded on the CPU.")
         parser.add_argument("--seed", type=int | None, default=None,
                             help="Seed everything (alias of --seed_everything; also seeds the augmentation workers).")
-        parser.add_argument("--deterministic", type=bool, default=False,
+        parser.add_argument("--deterministic", type=bool, default=False, **BARE_FLAG,
                             help="Deterministic algorithms (alias of --trainer.deterministic true): with --seed and "
                                  "nnUNet_n_proc_DA=0 a CPU run repeats bit for bit, across kill -9 and --resume too.")
-        parser.add_argument("--require_exclusive_gpu", type=bool, default=False,
+        parser.add_argument("--require_exclusive_gpu", type=bool, default=False, **BARE_FLAG,
                             help="Refuse to train when other processes use the GPU (see --gpu_monitor.*).")
         # The stable-epoch callbacks: on by default, each switchable off (--<name>.enabled false).
         parser.add_lightning_class_args(CudaMemoryCap, "memory_cap")
@@ -194,6 +197,7 @@ class ResEncLightningCLI(LightningCLI):
                             every_n_epochs=save_every, save_top_k=-1, monitor=None, mode="max",
                             enable_version_counter=False, save_on_train_epoch_end=True),
             RNGStateCheckpoint(),
+            *([pause] if (pause := PauseAt.from_env()) is not None else []),  # test-only, before GracefulStop
             GracefulStop(self.checkpoint_dir / LAST_CHECKPOINT),
         ]
 
@@ -387,9 +391,10 @@ def fit(cli: ResEncLightningCLI, ckpt_path: str | None) -> None:
     except SIGTERMException:
         stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
         signum = stop.received if stop is not None else None
+        saved = stop.saved_to if stop is not None and stop.saved_to is not None else cli.checkpoint_dir / LAST_CHECKPOINT
+        then = "the requeued job resumes from it" if stop is not None and stop.requeue else "continue with --resume"
         print(f"Stopped by {signal.Signals(signum or signal.SIGTERM).name} at epoch {trainer.current_epoch}, step "
-              f"{trainer.global_step}; {cli.checkpoint_dir / LAST_CHECKPOINT} holds it, continue with --resume.",
-              flush=True)
+              f"{trainer.global_step}; {saved} holds it, {then}.", flush=True)
         raise SystemExit(_signal_exit_code(signum)) from None
     except CheckpointWriteError as e:
         raise UsageError(str(e.strerror or e)) from None

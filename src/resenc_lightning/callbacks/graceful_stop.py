@@ -1,11 +1,17 @@
 """Stop cleanly on SIGTERM / SIGUSR1 / first Ctrl+C: finish the step, write last.ckpt, stop the workers.
 
 Lightning already handles SIGTERM: its handler sets `trainer.received_sigterm`, the loop finishes
-the current batch and raises `SIGTERMException`; under SLURM with auto-requeue its SIGUSR1
-handler saves an hpc checkpoint and requeues the job. What it does not do, and this callback
-adds: route SIGINT (first press; a second press interrupts at once) and SIGUSR1 outside SLURM to
-that same SIGTERM path, and save the fold's `last.ckpt` at the current step when the loop stops
-that way (the DataModule's `on_exception` then stops the augmenter workers).
+the current batch and raises `SIGTERMException`. What it does not do, and this callback adds: route
+SIGINT (first press; a second press interrupts at once) and SIGUSR1 outside SLURM to that same
+SIGTERM path, and save the fold's `last.ckpt` at the current step when the loop stops that way (the
+DataModule's `on_exception` then stops the augmenter workers).
+
+Under SLURM with auto-requeue, Lightning's requeue-signal handler saves the hpc checkpoint inside the
+signal handler: mid-step, and on several ranks a collective (our RNG gather) issued from a handler at
+a different point on each rank. Ours only sets a flag; at the end of each training step the ranks
+agree (any rank signalled: SLURM signals every rank, not necessarily within the same step), stop after
+that step on every rank, and run Lightning's own requeue routine (save `hpc_ckpt_N.ckpt`, `scontrol
+requeue`) from there. `scontrol requeue` ends the job anyway; the requeued job resumes from the file.
 """
 
 from __future__ import annotations
@@ -32,19 +38,42 @@ class GracefulStop(pl.Callback):
         self.checkpoint_path = Path(checkpoint_path)
         self.received: int | None = None
         self.saved_at_step: int | None = None
+        self.saved_to: Path | None = None
+        self.requeue_signal: int | None = None  # SLURM auto-requeue: the signal we defer to a step boundary
+        self.stop_pending = False  # the requeue signal arrived on this rank and is not yet acted on
+        self.requeue = False  # the ranks agreed: stop after this step, save the hpc checkpoint, requeue
         self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning installed its SIGTERM handler in Trainer._run; ours forward to it.
-        signals = [signal.SIGINT]
+        # Lightning installed its SIGTERM (and SLURM requeue) handlers in Trainer._run; ours forward to / replace them.
+        handlers = {signal.SIGINT: self._handle}
         env = trainer._accelerator_connector.cluster_environment
-        if not (isinstance(env, SLURMEnvironment) and env.auto_requeue):
-            signals.append(signal.SIGUSR1)  # under SLURM, Lightning's requeue handler owns SIGUSR1
-        for signum in signals:
+        if isinstance(env, SLURMEnvironment) and env.auto_requeue:
+            self.requeue_signal = int(env.requeue_signal or signal.SIGUSR1)
+            handlers[self.requeue_signal] = self._handle_requeue
+        else:
+            handlers[signal.SIGUSR1] = self._handle
+        for signum, handler in handlers.items():
             try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
+                self._previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread: leave signals (and Lightning's requeue handler) alone
+                self.requeue_signal = None
+
+    def _handle_requeue(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_pending = True  # only a flag: no I/O and no collective inside a signal handler
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.requeue_signal is None or self.requeue:
+            return
+        # A collective at the same point on every rank, every step (only under SLURM auto-requeue).
+        agreed = trainer.strategy.reduce_boolean_decision(self.stop_pending, all=False)
+        # On an epoch's last batch the loop would validate before stopping: act after the next step instead.
+        if agreed and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self.requeue = True
+            self.received = self.requeue_signal
+            rank_zero_info(f"Received the SLURM requeue signal: stopping after step {trainer.global_step} to save an "
+                           f"hpc checkpoint and requeue the job.")
+            trainer._signal_connector.received_sigterm = True  # Lightning's stop after this step -> on_exception
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None and signum == signal.SIGINT:
@@ -63,8 +92,16 @@ class GracefulStop(pl.Callback):
         rewind = getattr(trainer.train_dataloader, "rewind_to", None)
         if callable(rewind):  # the RNGs saved must be those of the first batch not trained on (undo any prefetch)
             rewind(int(trainer.fit_loop.epoch_loop.batch_progress.current.completed))
-        trainer.save_checkpoint(self.checkpoint_path)
         self.saved_at_step = trainer.global_step
+        if self.requeue:  # Lightning's requeue routine, now at a step boundary on every rank
+            connector = trainer._signal_connector
+            self.saved_to = Path(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+            connector._slurm_sigusr_handler_fn(self.requeue_signal, None)
+            rank_zero_info(f"Saved {self.saved_to} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+                           f"the requeued job resumes from it.")
+            return
+        trainer.save_checkpoint(self.checkpoint_path)
+        self.saved_to = self.checkpoint_path
         rank_zero_info(f"Saved {self.checkpoint_path} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
                        f"continue with --resume.")
 

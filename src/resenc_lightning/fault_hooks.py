@@ -1,0 +1,90 @@
+"""Test-only pause points: fault tests kill or signal a training process at an exact event, on any machine.
+
+A test that sleeps and then kills hits "some time later", which on a fast machine is after the run ended.
+With `RESENC_LIGHTNING_TEST_PAUSE=<event>@<marker file>` the process stops at the event, writes the marker
+file and blocks until the test acts: it kills it, sends a stop signal (which ends the pause), or creates
+`<marker>.release`. On leaving the pause the process writes `<marker>.left`. Events:
+
+- `step=N`: after global step N's training step (first in `on_train_batch_end`, before any stop handling);
+- `val=E`: after the first validation batch of epoch E;
+- `write=NAME`: while NAME's temporary file is complete and fsynced but not yet renamed (see `atomic.py`).
+
+Under DDP each rank uses `<marker>.rank<N>`. Unset (every real run), the CLI adds no callback and
+`atomic_write` does one dict lookup: production pays nothing. Never set it outside tests.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+PAUSE_ENV = "RESENC_LIGHTNING_TEST_PAUSE"
+_POLL_S = 0.01
+
+
+def pause_spec() -> tuple[str, str, Path] | None:
+    """(event kind, its argument, marker path) from the environment, or None when no pause is asked for."""
+    value = os.environ.get(PAUSE_ENV)
+    if not value:
+        return None
+    event, _, marker = value.partition("@")
+    kind, _, arg = event.partition("=")
+    if kind not in ("step", "val", "write") or not arg or not marker:
+        raise ValueError(f"{PAUSE_ENV}={value!r}: expected step=N@FILE, val=E@FILE or write=NAME@FILE")
+    return kind, arg, Path(marker)
+
+
+def pause(marker: Path, note: str, released: Callable[[], bool] = lambda: False) -> None:
+    """Write `marker`, block until `<marker>.release` exists or `released()`, then write `<marker>.left`."""
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(note)
+    release = marker.with_name(marker.name + ".release")
+    while not (release.exists() or released()):
+        time.sleep(_POLL_S)
+    marker.with_name(marker.name + ".left").write_text(note)
+
+
+def pause_before_rename(path: Path) -> None:
+    """The `write=NAME` event, called by `atomic_write` between fsync and rename."""
+    spec = pause_spec()
+    if spec is not None and spec[0] == "write" and path.name == spec[1]:
+        pause(spec[2], str(path))
+
+
+class PauseAt(pl.Callback):
+    """The `step=N` / `val=E` events (added by the CLI only when `RESENC_LIGHTNING_TEST_PAUSE` asks for one)."""
+
+    def __init__(self, kind: str, value: int, marker: Path) -> None:
+        self.kind, self.value, self.marker = kind, value, marker
+        self.done = False
+
+    @classmethod
+    def from_env(cls) -> PauseAt | None:
+        spec = pause_spec()
+        if spec is None or spec[0] == "write":
+            return None
+        return cls(spec[0], int(spec[1]), spec[2])
+
+    def _pause(self, trainer: pl.Trainer) -> None:
+        self.done = True
+        marker = self.marker
+        if trainer.world_size > 1:
+            marker = marker.with_name(f"{marker.name}.rank{trainer.global_rank}")
+
+        def stop_requested() -> bool:
+            return bool(trainer.received_sigterm) or any(getattr(c, "stop_pending", False) for c in trainer.callbacks)
+
+        pause(marker, f"epoch {trainer.current_epoch} step {trainer.global_step}", stop_requested)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if not self.done and self.kind == "step" and trainer.global_step == self.value:
+            self._pause(trainer)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if not self.done and self.kind == "val" and trainer.current_epoch == self.value and not trainer.sanity_checking:
+            self._pause(trainer)
