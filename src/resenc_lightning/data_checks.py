@@ -97,14 +97,6 @@ def check_preprocessed_data(spec: RunSpec, sampled_cases: int = SAMPLED_CASES) -
         largest = [max(a, b) for a, b in zip(largest, spatial)]
         if case in sampled:
             _check_values(case, np.asarray(data[:]), np.asarray(seg[:]), allowed, redo)
-    too_big = [i for i, (p, s) in enumerate(zip(patch, largest)) if p > s]
-    every_case_seen = blosc2 or len(sampled) == len(cases)
-    if cases and too_big and every_case_seen:
-        raise RunSpecError(
-            f"patch size {patch} of {spec.plans_identifier}/{spec.configuration} is larger than every preprocessed case "
-            f"along axis {too_big} (largest case {largest}); these plans were made for other data: re-plan with "
-            f"`nnUNetv2_plan_experiment -d {spec.dataset_id} -pl nnUNetPlannerResEncL` or lower patch_size."
-        )
 
 
 def _load(dataset: Any, case: str, folder: Path, redo: str) -> tuple[Any, Any]:
