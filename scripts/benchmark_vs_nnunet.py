@@ -507,6 +507,25 @@ def run_parity(args: argparse.Namespace, base: dict, info: dict, start: float) -
     return text
 
 
+def tabulate(args: argparse.Namespace) -> str:
+    """--tabulate: one parity table from the jsonl of several runs (e.g. seeds split over machines); pairs by seed."""
+    records = [json.loads(line) for f in args.tabulate for line in Path(f).read_text().splitlines() if line.strip()]
+    records = [{**r, "pair": r["seed"]} for r in records]
+    first = records[0]
+    labels_file = Path(first["workdir"]) / "nnUNet_preprocessed" / first["dataset"] / "dataset.json"
+    labels = json.loads(labels_file.read_text())["labels"] if labels_file.is_file() else {}
+    names = {str(v): k for k, v in labels.items() if isinstance(v, int) and v > 0}
+    seeds = sorted({r["seed"] for r in records})
+    text = (f"{parity_table(records, names)}\n\ndevice {first['device']}; plans {first['plans']}; {len(seeds)} pairs "
+            f"(seeds {', '.join(map(str, seeds))}, native first in even pairs of each run) x {first['epochs']} epochs x "
+            f"{first['iters']}+{first['val_iters']} steps, then nnU-Net's final validation; torch threads "
+            f"{first['threads']}; tabulated from {len(args.tabulate)} run(s); longest run "
+            f"{max(r.get('wall_s', 0) for r in records):.0f} s")
+    print(text, flush=True)
+    _write(args, "parity", text, records)
+    return text
+
+
 def _write(args: argparse.Namespace, stem: str, text: str, results: list[dict]) -> None:
     if args.out:
         out = Path(args.out)
@@ -550,6 +569,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="--parity: pair i uses seed + i on both sides")
     p.add_argument("--jobs", type=int, default=1,
                    help="--parity: pairs run side by side (each pair's two runs still one after the other)")
+    p.add_argument("--tabulate", nargs="+", default=None, metavar="JSONL",
+                   help="--parity: only rebuild the table from earlier runs' parity(_partial).jsonl, pairs keyed by seed")
     p.add_argument("--run-timeout", type=float, default=1800, help="seconds before one run is abandoned")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
@@ -590,6 +611,8 @@ def main(argv: list[str] | None = None) -> str:
         print(RESULT_TAG + json.dumps(result), flush=True)
         return ""
     args = parse_args(argv)
+    if args.tabulate:
+        return tabulate(args)
     os.environ["nnUNet_n_proc_DA"] = str(args.workers)
     os.environ["nnUNet_compile"] = "t" if args.compile else "f"
     if args.threads:
