@@ -510,7 +510,7 @@ def run_parity(args: argparse.Namespace, base: dict, info: dict, start: float) -
 def tabulate(args: argparse.Namespace) -> str:
     """--tabulate: one parity table from the jsonl of several runs (e.g. seeds split over machines); pairs by seed."""
     records = [json.loads(line) for f in args.tabulate for line in Path(f).read_text().splitlines() if line.strip()]
-    records = [{**r, "pair": r["seed"]} for r in records]
+    records = [{**r, "pair": r["seed"]} for r in records if "error" not in r]  # runs cut short are left out
     first = records[0]
     labels_file = Path(first["workdir"]) / "nnUNet_preprocessed" / first["dataset"] / "dataset.json"
     labels = json.loads(labels_file.read_text())["labels"] if labels_file.is_file() else {}
