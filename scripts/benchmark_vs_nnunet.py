@@ -25,6 +25,11 @@ callback injected into `resenc_lightning.cli.main`), both timing the same bounda
 - peak RSS of the training process (augmentation workers excluded); on CUDA peak allocated/reserved
   memory and steps/s (train phase wall with a synchronise at its end, no per-step synchronise).
 `--smoke` runs the whole pipeline on a tiny network in well under a minute (used by the tests).
+
+`--parity` measures what each side learns instead (README, "Parity with nnU-Net"): pair i seeds both sides with
+`--seed` + i before the network is built (identical initial weights, checked by a hash each child prints), runs
+nnU-Net's final validation, and reports Dice per class per side, the paired differences with a paired-t verdict,
+and the per-epoch train/val loss from each side's checkpoint_final.pth `logging` (parity.md / parity.jsonl).
 """
 
 from __future__ import annotations
