@@ -26,6 +26,11 @@ callback injected into `resenc_lightning.cli.main`), both timing the same bounda
   memory and steps/s (train phase wall with a synchronise at its end, no per-step synchronise).
 `--smoke` is the `--device cpu` run, same dataset, planner patch and plans derivation, with fewer steps and
 epochs and one pair (about a minute; used by the tests, so what breaks the real run breaks it).
+
+`--parity` measures what each side learns instead (README, "Parity with nnU-Net"): pair i seeds both sides with
+`--seed` + i before the network is built (identical initial weights, checked by a hash each child prints), runs
+nnU-Net's final validation, and reports Dice per class per side, the paired differences with a paired-t verdict,
+and the per-epoch train/val loss from each side's checkpoint_final.pth `logging` (parity.md / parity.jsonl).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ DATASET_ID = 989
 DATASET_NAME = f"Dataset{DATASET_ID}_Benchmark"
 SOURCE_PLANS = "nnUNetResEncUNetLPlans"
 RESULT_TAG = "BENCH_RESULT "
+PARITY_EPOCHS = 6
 
 
 # -- dataset and plans -------------------------------------------------------------------------------------
@@ -256,8 +262,23 @@ def run_native(spec: dict) -> dict:
     trainer.num_iterations_per_epoch = spec["iters"]
     trainer.num_val_iterations_per_epoch = spec["val_iters"]
     trainer.num_epochs = spec["epochs"]
+    init_hash = None
+    if spec.get("parity"):  # seeded exactly as Lightning's seed_everything(seed) seeds ours, before initialize()
+        import random
+
+        import numpy as np
+
+        random.seed(spec["seed"])
+        np.random.seed(spec["seed"])
+        torch.manual_seed(spec["seed"])
+        trainer.initialize()
+        init_hash = state_hash(getattr(trainer.network, "_orig_mod", trainer.network))
     trainer.run_training()
-    return clock.result()
+    out = clock.result()
+    if spec.get("parity"):
+        trainer.perform_actual_validation(False)  # what nnunetv2's run_training() does after trainer.run_training()
+        out.update(init_hash=init_hash, **outcome(Path(trainer.output_folder)))
+    return out
 
 
 def run_ours(spec: dict) -> dict:
@@ -267,10 +288,12 @@ def run_ours(spec: dict) -> dict:
     from resenc_lightning import cli, data
 
     clock_box: list[Clock] = []
+    hash_box: list[str] = []
 
     class BenchClock(pl.Callback):
         def setup(self, trainer, pl_module, stage):
             clock_box.append(Clock(spec["spawn_time"], trainer.strategy.root_device))
+            hash_box.append(state_hash(pl_module.network))  # untouched since the module built it
 
         def on_train_epoch_start(self, trainer, pl_module):
             clock_box[0].train_epoch_start()
@@ -296,7 +319,7 @@ def run_ours(spec: dict) -> dict:
         return TimedBatches(source, clock_box[0]) if train else source
 
     data.NnUNetDataModule._augmenter = timed_augmenter
-    results = Path(spec["workdir"]) / "results_ours"
+    results = Path(spec["workdir"]) / ("results_ours" + (f"_{spec['pair']}" if spec.get("parity") else ""))
     shutil.rmtree(results, ignore_errors=True)
     accelerator = "gpu" if spec["device"] == "cuda" else "cpu"
     cli.main([
@@ -304,9 +327,40 @@ def run_ours(spec: dict) -> dict:
         "--data.results_dir", str(results), "--data.num_iterations_per_epoch", str(spec["iters"]),
         "--data.num_val_iterations_per_epoch", str(spec["val_iters"]), "--trainer.max_epochs", str(spec["epochs"]),
         "--trainer.accelerator", accelerator, "--trainer.devices", "1", "--trainer.enable_model_summary", "false",
-        "--final_validation", "false", "--seed_everything", "0", *spec.get("ours_args", []),
+        *(["--final_validation", "true", "--seed", str(spec["seed"])] if spec.get("parity")
+          else ["--final_validation", "false", "--seed_everything", "0"]),
+        *spec.get("ours_args", []),
     ])
-    return clock_box[0].result()
+    out = clock_box[0].result()
+    if spec.get("parity"):
+        fold = next(results.glob(f"{spec['dataset']}/*/fold_0"))
+        out.update(init_hash=hash_box[0], **outcome(fold))
+    return out
+
+
+# -- parity: what each side learned (runs in the child) ----------------------------------------------------
+def state_hash(network) -> str:
+    """sha256 over the network's state_dict (names and bytes): equal on both sides = identical initial weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(network.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def outcome(fold: Path) -> dict:
+    """nnU-Net's final validation (validation/summary.json) and per-epoch logging (checkpoint_final.pth)."""
+    import torch
+
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    logging = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    return {
+        "dice": {k: v["Dice"] for k, v in summary["mean"].items()},
+        "dice_fg_mean": summary["foreground_mean"]["Dice"],
+        "curves": {k: [float(x) for x in logging[k]] for k in ("train_losses", "val_losses", "ema_fg_dice")},
+    }
 
 
 # -- orchestration (parent) --------------------------------------------------------------------------------
@@ -361,11 +415,138 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def _verdict(diffs: list[float]) -> str:
+    """Paired t: a mean difference beyond t(0.975, n-1) standard errors of the pairs is a systematic gap."""
+    if len(diffs) < 2:
+        return "n < 2"
+    from scipy.stats import t
+
+    sd = statistics.stdev(diffs)
+    bound = t.ppf(0.975, len(diffs) - 1) * sd / len(diffs) ** 0.5
+    mean = statistics.mean(diffs)
+    if sd == 0 and mean == 0:
+        return "identical"
+    return f"**GAP** (|mean| > {bound:.3f})" if abs(mean) > bound else f"within spread (95% bound ±{bound:.3f})"
+
+
+def parity_table(results: list[dict], label_names: dict[str, str]) -> str:
+    """Final-validation Dice per class per side (mean ± sd over pairs), paired differences, loss curves."""
+    pairs: dict[int, dict[str, dict]] = {}
+    for r in results:
+        if "error" not in r:
+            pairs.setdefault(r["pair"], {})[r["side"]] = r
+    full = [p for _, p in sorted(pairs.items()) if {"native", "ours"} <= p.keys()]
+    same_init = [p["native"]["init_hash"] == p["ours"]["init_hash"] for p in full]
+    rows = [(f"{label_names.get(k, k)} (label {k})", lambda r, k=k: r["dice"].get(k, float("nan")))
+            for k in sorted({k for p in full for k in p["native"]["dice"]}, key=int)]
+    rows.append(("foreground mean", lambda r: r["dice_fg_mean"]))
+    lines = ["| final-validation Dice | native nnU-Net | ours | ours − native (paired) | verdict |",
+             "|---|---|---|---|---|"]
+    for name, get in rows:
+        nat, ours = [get(p["native"]) for p in full], [get(p["ours"]) for p in full]
+        diffs = [o - n for o, n in zip(ours, nat)]
+        lines.append(f"| {name} | {_mean_sd(nat)} | {_mean_sd(ours)} | {_mean_sd(diffs)} | {_verdict(diffs)} |")
+    lines += ["", f"{len(full)} complete pairs; identical initial weights (sha256 of the network state right after "
+              f"init, printed by each child) in {sum(same_init)}/{len(same_init)} pairs; per-pair foreground Dice "
+              "native/ours: " + ", ".join(f"{p['native']['dice_fg_mean']:.3f}/{p['ours']['dice_fg_mean']:.3f}"
+                                          for p in full), ""]
+    lines += ["| epoch | train loss native | train loss ours | Δ train (paired) | val loss native | val loss ours "
+              "| Δ val (paired) |", "|---|---|---|---|---|---|---|"]
+    n_epochs = min((len(p[s]["curves"]["train_losses"]) for p in full for s in ("native", "ours")), default=0)
+    for e in range(n_epochs):
+        cells = [str(e)]
+        for key in ("train_losses", "val_losses"):
+            nat = [p["native"]["curves"][key][e] for p in full]
+            ours = [p["ours"]["curves"][key][e] for p in full]
+            cells += [_mean_sd(nat), _mean_sd(ours), _mean_sd([o - n for o, n in zip(ours, nat)])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_parity(args: argparse.Namespace, base: dict, info: dict, start: float) -> str:
+    """Alternating native/ours pairs, each pair from one seed (identical initial weights), then the table."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    results: list[dict] = []
+    partial = Path(args.out) / "parity_partial.jsonl" if args.out else None
+    if partial:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text("")
+
+    def one_pair(pair: int) -> None:
+        sides = ("native", "ours") if pair % 2 == 0 else ("ours", "native")
+        for side in sides:
+            r = run_child({**base, "pair": pair, "side": side, "src": None, "parity": True,
+                           "seed": args.seed + pair}, timeout=args.run_timeout)
+            results.append(r)
+            if partial:
+                with partial.open("a") as fh:
+                    fh.write(json.dumps(r) + "\n")
+            status = r.get("error") or (f"init {r['init_hash']}, fg Dice {r['dice_fg_mean']:.3f} "
+                                        f"{ {k: round(v, 3) for k, v in r['dice'].items()} }, final train/val loss "
+                                        f"{r['curves']['train_losses'][-1]:.3f}/{r['curves']['val_losses'][-1]:.3f}, "
+                                        f"{r['wall_s']:.0f} s")
+            print(f"[{time.time() - start:5.0f}s] pair {pair} (seed {args.seed + pair}) {side:>6}: {status}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one_pair, range(args.pairs)))
+    pp = Path(os.environ["nnUNet_preprocessed"]) / info["dataset"]
+    labels = json.loads((pp / "dataset.json").read_text())["labels"]
+    names = {str(v): k for k, v in labels.items() if isinstance(v, int) and v > 0}
+    text = (f"{parity_table(results, names)}\n\ndevice {_device_name(args.device)}; plans {info['plans']} "
+            f"(patch {info['patch_size']}, batch {info['batch_size']}, features {info['features_per_stage']}); "
+            f"{args.pairs} pairs (seeds {args.seed}..{args.seed + args.pairs - 1}, order flips every pair) x "
+            f"{args.epochs} epochs x {args.iters}+{args.val_iters} steps, then nnU-Net's final validation; "
+            f"nnUNet_n_proc_DA={args.workers}; torch threads {args.threads or 'default'}; {args.jobs} pair(s) at a time; "
+            f"{time.time() - start:.0f} s in all")
+    print(text, flush=True)
+    _write(args, "parity", text, results)
+    return text
+
+
+def tabulate(args: argparse.Namespace) -> str:
+    """--tabulate: one parity table from the jsonl of several runs (e.g. seeds split over machines); pairs by seed."""
+    records = [json.loads(line) for f in args.tabulate for line in Path(f).read_text().splitlines() if line.strip()]
+    records = [{**r, "pair": r["seed"]} for r in records if "error" not in r]  # runs cut short are left out
+    first = records[0]
+    labels_file = Path(first["workdir"]) / "nnUNet_preprocessed" / first["dataset"] / "dataset.json"
+    labels = json.loads(labels_file.read_text())["labels"] if labels_file.is_file() else {}
+    names = {str(v): k for k, v in labels.items() if isinstance(v, int) and v > 0}
+    seeds = sorted({r["seed"] for r in records})
+    text = (f"{parity_table(records, names)}\n\ndevice {first['device']}; plans {first['plans']}; {len(seeds)} pairs "
+            f"(seeds {', '.join(map(str, seeds))}, native first in even pairs of each run) x {first['epochs']} epochs x "
+            f"{first['iters']}+{first['val_iters']} steps, then nnU-Net's final validation; torch threads "
+            f"{first['threads']}; tabulated from {len(args.tabulate)} run(s); longest run "
+            f"{max(r.get('wall_s', 0) for r in records):.0f} s")
+    print(text, flush=True)
+    _write(args, "parity", text, records)
+    return text
+
+
+def _write(args: argparse.Namespace, stem: str, text: str, results: list[dict]) -> None:
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.md").write_text(text + "\n")
+        (out / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    if any("error" in r for r in results):
+        print("\n".join(r["error"] for r in results if "error" in r), file=sys.stderr)
+        raise SystemExit(1)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--pairs", type=int, default=3, help="native/ours run pairs, alternating")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is not timed)")
+    p.add_argument("--pairs", type=int, default=None, help="native/ours run pairs, alternating (3; --parity 5)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs per run (3, the first is not timed; --parity: the learning budget, cpu 6)")
     p.add_argument("--iters", type=int, default=None, help="training steps per epoch (cpu 12, cuda 50)")
     p.add_argument("--val-iters", type=int, default=None, help="validation steps per epoch (cpu 2, cuda 10)")
     p.add_argument("--workers", type=int, default=None, help="nnUNet_n_proc_DA for both sides (cpu 2, cuda 12)")
@@ -386,12 +567,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ours-args", default="", help="extra CLI arguments for ours, e.g. '--model.channels_last true'")
     p.add_argument("--out", default=None, help="also write the table and raw results (.md, .jsonl) here")
     p.add_argument("--smoke", action="store_true",
-                   help="the --device cpu run with 1 pair of 2 epochs of 2+1 steps (about a minute)")
+                   help="the --device cpu run with 1 pair of 2 epochs of 2+1 steps (about a minute; also with --parity)")
+    p.add_argument("--parity", action="store_true",
+                   help="learning-curve parity instead of speed: per pair one seed for both sides (identical initial "
+                        "weights), nnU-Net's final validation; Dice per class and loss curves, paired differences")
+    p.add_argument("--seed", type=int, default=0, help="--parity: pair i uses seed + i on both sides")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="--parity: pairs run side by side (each pair's two runs still one after the other)")
+    p.add_argument("--tabulate", nargs="+", default=None, metavar="JSONL",
+                   help="--parity: only rebuild the table from earlier runs' parity(_partial).jsonl, pairs keyed by seed")
+    p.add_argument("--run-timeout", type=float, default=1800, help="seconds before one run is abandoned")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     if args.smoke:  # the --device cpu run, shorter: only counts change, not the data or the plans
-        args.device, args.pairs, args.epochs = "cpu", 1, 2
+        args.device, args.pairs, args.epochs = "cpu", args.pairs or 1, 2
         args.iters, args.val_iters = 2, 1
+    args.pairs = args.pairs or (5 if args.parity else 3)
+    args.epochs = args.epochs or (PARITY_EPOCHS if args.parity and not cuda else 3)
+    if args.parity and args.workers is None:
+        args.workers = 0  # in-process augmentation on the seeded global RNGs: the sides differ only where the code does
     args.iters = args.iters or (50 if cuda else 12)
     args.val_iters = args.val_iters or (10 if cuda else 2)
     args.workers = (12 if cuda else 1) if args.workers is None else args.workers
@@ -405,6 +599,8 @@ def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "_child":
         spec = json.loads(argv[1])
+        if spec.get("parity"):  # one native results folder per pair: --jobs runs pairs side by side
+            os.environ["nnUNet_results"] = str(Path(spec["workdir"]) / f"results_native_{spec['pair']}")
         if spec.get("src"):
             sys.path.insert(0, spec["src"])  # --baseline-src: an earlier checkout of ours
         if spec["threads"]:
@@ -419,16 +615,22 @@ def main(argv: list[str] | None = None) -> str:
         print(RESULT_TAG + json.dumps(result), flush=True)
         return ""
     args = parse_args(argv)
+    if args.tabulate:
+        return tabulate(args)
     os.environ["nnUNet_n_proc_DA"] = str(args.workers)
     os.environ["nnUNet_compile"] = "t" if args.compile else "f"
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # augmentation workers too
+    if args.parity:
+        os.environ.setdefault("nnUNet_def_n_proc", str(min(os.cpu_count() or 1, 8)))  # final-validation export pool
     start = time.time()
     info = prepare(args)
     print(f"dataset and plans ready in {info['prepare_s']} s: {json.dumps(info)}", flush=True)
     base = {"device": args.device, "dataset": info["dataset"], "plans": info["plans"], "epochs": args.epochs,
             "iters": args.iters, "val_iters": args.val_iters, "workdir": str(Path(args.workdir).resolve()),
             "threads": args.threads, "ours_args": shlex.split(args.ours_args)}
+    if args.parity:
+        return run_parity(args, base, info, start)
     results = []
     sides = [("native", None), ("ours", None)] + ([("ours_before", str(Path(args.baseline_src).resolve()))]
                                                  if args.baseline_src else [])
@@ -447,14 +649,7 @@ def main(argv: list[str] | None = None) -> str:
             f"torch threads {args.threads or 'default'}{extra}; "
             f"{time.time() - start:.0f} s in all")
     print(text, flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "benchmark.md").write_text(text + "\n")
-        (out / "benchmark.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
-    if any("error" in r for r in results):
-        print("\n".join(r["error"] for r in results if "error" in r), file=sys.stderr)
-        raise SystemExit(1)
+    _write(args, "benchmark", text, results)
     return text
 
 

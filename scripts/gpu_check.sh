@@ -2,9 +2,22 @@
 # One command for the GPU evidence (README, "GPU evidence"): run from the repo root on a GPU machine.
 #   OUT=results bash scripts/gpu_check.sh [extra gpu_stable_epochs.py flags]
 # On a machine without nnunetv2 & co. (no package index), carry gpu_bundle/ (scripts/make_gpu_bundle.sh).
+#
+# Within BUDGET_S (default 540 s = 9 min), in this order, each bounded by `timeout`, results written as they come:
+#   1. fresh vs resumed stable-epoch arms ours_on (CudnnPinning v2) and ours_off -> $OUT/results.md + the DECISION
+#      line (README rule: ours_on resumed/fresh > 1.02 while ours_off is stable => CudnnPinning off by default);
+#   2. end to end through train.py with every CUDA default (compile, 16-mixed, callbacks): 2 epochs -> --resume 1
+#      more -> --validate_only -> nnUNetv2_predict_from_modelfolder on 2 cases -> $OUT/e2e/ (E2E_S, default 230 s);
+#   3. with what is left: the native and pressure arms -> $OUT/extra/.
+# CPU rehearsal of step 2 (no GPU needed): python scripts/gpu_e2e.py --cpu-dry-run --out /tmp/e2e
+# CPU rehearsal of the whole script: BUDGET_S=3000 E2E_S=1500 E2E_ARGS=--cpu-dry-run bash scripts/gpu_check.sh --smoke
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
+BUDGET_S=${BUDGET_S:-540}
+E2E_S=${E2E_S:-230}
+T0=$(date +%s)
+left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; df -h /dev/shm | tail -1; nproc; } \
     >"$OUT/machine.txt" 2>&1
@@ -15,4 +28,28 @@ if ! python3 -c "import nnunetv2, jsonargparse" 2>/dev/null; then
 else
     export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
-python3 scripts/gpu_stable_epochs.py --out "$OUT" "$@" 2>&1 | grep -v "it/s\]" | tee "$OUT/log.txt"
+quiet() { grep --line-buffered -v "it/s\]"; }
+
+# 1. the decision-rule arms (they also build the dataset the e2e run uses)
+arms_s=$(( $(left) - E2E_S - 10 ))
+echo "== [$(( $(date +%s) - T0 ))s] stable-epoch arms ours_on, ours_off (deadline ${arms_s}s)"
+timeout -k 10 $(( arms_s + 60 )) python3 scripts/gpu_stable_epochs.py --out "$OUT" --arms ours_on ours_off \
+    --deadline-s "$arms_s" "$@" 2>&1 | quiet | tee "$OUT/log.txt"
+
+# 2. end to end through train.py, every default
+e2e_s=$(( $(left) - 5 )); (( e2e_s > E2E_S )) && e2e_s=$E2E_S
+echo "== [$(( $(date +%s) - T0 ))s] e2e train -> resume -> validate_only -> predict (budget ${e2e_s}s)"
+# shellcheck disable=SC2086
+timeout -k 10 $(( e2e_s + 20 )) python3 scripts/gpu_e2e.py --out "$OUT/e2e" --budget-s "$e2e_s" ${E2E_ARGS:-} 2>&1 | quiet \
+    | tee "$OUT/e2e_log.txt"
+
+# 3. the rest, if time is left
+rest_s=$(( $(left) - 10 ))
+if (( rest_s > 90 )); then
+    echo "== [$(( $(date +%s) - T0 ))s] native and pressure arms (deadline ${rest_s}s)"
+    timeout -k 10 $(( rest_s + 5 )) python3 scripts/gpu_stable_epochs.py --out "$OUT/extra" --arms native pressure \
+        --deadline-s "$rest_s" "$@" 2>&1 | quiet | tee "$OUT/extra_log.txt"
+fi
+echo "== [$(( $(date +%s) - T0 ))s] done"
+grep -h "DECISION" "$OUT/results.md" 2>/dev/null || echo "DECISION: undecided (stable-epoch arms did not finish)"
+cat "$OUT/e2e/e2e.md" 2>/dev/null || echo "e2e: no result"

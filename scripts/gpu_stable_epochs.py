@@ -317,6 +317,31 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: README's rule for the default: pinning on must keep resumed/fresh within this, as callbacks off does.
+DECISION_LIMIT = 1.02
+
+
+def decision(results: list[dict]) -> str:
+    """The README's decision rule for CudnnPinning's default, from the ours_on / ours_off fresh-vs-resumed ratios."""
+    by = {(r["pair"], r["phase"]): r for r in results if "error" not in r}
+
+    def ratio(pair: str) -> float | None:
+        f, r = by.get((pair, "fresh")), by.get((pair, "resume"))
+        return r["step_ms"] / f["step_ms"] if f and r else None
+
+    on, off = ratio("ours_on"), ratio("ours_off")
+    rule = (f"rule: if ours_on resumed/fresh > {DECISION_LIMIT} while ours_off <= {DECISION_LIMIT}, CudnnPinning goes "
+            f"off by default")
+    if on is None or off is None:
+        return f"DECISION: undecided (ours_on {on}, ours_off {off}: an arm is missing); {rule}"
+    got = f"ours_on {on:.3f}, ours_off {off:.3f}"
+    if on > DECISION_LIMIT and off <= DECISION_LIMIT:
+        return f"DECISION: CudnnPinning OFF by default ({got}); {rule}"
+    if on <= DECISION_LIMIT:
+        return f"DECISION: CudnnPinning stays ON by default ({got}); {rule}"
+    return f"DECISION: undecided, callbacks off is not stable either ({got}): look elsewhere; {rule}"
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "_arm":
         spec = json.loads(sys.argv[2])
@@ -366,6 +391,8 @@ def main() -> None:
     text = table(results)
     md = (f"# Stable-epoch evidence\n\nplan: {json.dumps(info)}\n\n{text}\n\n"
           f"device: {_device_name()}; steps per arm: {args.steps}; emulated card: {args.target_gb:g} GB\n")
+    if {"ours_on", "ours_off"} <= set(args.arms):
+        md += f"\n{decision(results)}\n"
     (out / "results.md").write_text(md)
     print(md, flush=True)
 

@@ -1,0 +1,202 @@
+"""End to end through `train.py` as a user runs it, with every default: train -> resume -> validate -> predict.
+
+On CUDA the defaults are compile on, 16-mixed + GradScaler, cudnn.benchmark and all stable-epoch callbacks; this
+script passes none of those, only the data, the budget (steps per epoch) and the phase flags:
+
+1. `train.py ... --trainer.max_epochs 2 --final_validation false`      (2 epochs)
+2. `train.py ... --trainer.max_epochs 3 --resume true`                  (1 more, then nnU-Net's final validation)
+3. `train.py ... --validate_only true`                                  (nnU-Net's --val from checkpoint_final)
+4. `nnUNetv2_predict_from_modelfolder -i <2 raw cases> -o ... -m <model folder> -f 0 -chk checkpoint_final.pth`
+
+Each phase is its own process bounded by `timeout` (what is left of `--budget-s`, at most its own cap); after each
+one the files a user would look for are checked and one line is appended to `<out>/e2e.jsonl` (so a run cut short
+still reports what passed), the phase's log goes to `<out>/<phase>.log`. Exit status 0 only if every phase passed.
+
+    python scripts/gpu_e2e.py --out results/e2e                    # CUDA, after gpu_stable_epochs.py built the data
+    python scripts/gpu_e2e.py --cpu-dry-run --out /tmp/e2e         # the same sequence on CPU, tiny plans (~1-2 min)
+
+`--cpu-dry-run` builds a tiny dataset (nnunetv2's planner and preprocessor, then a shrunk copy of the plans) and
+runs the identical sequence on the CPU (where the defaults are compile off and 32-true; `--extra '--model.compile
+true'` forces compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+DATASET_ID = 988  # the stable-epoch script's synthetic dataset (gpu_stable_epochs.py builds it on the GPU machine)
+DATASET_NAME = f"Dataset{DATASET_ID}_StableEpochs"
+TRAINER = "nnUNetTrainer_Lightning"
+PREDICT = ("import sys; from nnunetv2.inference.predict_from_raw_data import predict_entry_point_modelfolder as m; "
+           "sys.argv[0] = 'nnUNetv2_predict_from_modelfolder'; sys.exit(m())")
+#: per-phase caps (s) on CUDA; the CPU dry run uses the same sequence with its own budget
+CAPS = {"train": 150, "resume": 110, "validate_only": 70, "predict": 60}
+
+
+def set_paths(workdir: Path) -> None:
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ[var] = str(workdir / var)
+        Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
+
+
+def prepare_cuda(plans: str) -> str:
+    """gpu_stable_epochs.py's dataset with its default size (reused as built there; built here if it is not)."""
+    from resenc_lightning import demo
+
+    demo.build_dataset(DATASET_ID, DATASET_NAME, plans, n_cases=5, shape_range=(176, 184),
+                       num_processes=max(1, min(8, (os.cpu_count() or 2) - 1)), extra_configuration=False)
+    return plans
+
+
+def prepare_cpu(workdir: Path, plans: str) -> str:
+    """Tiny dataset through nnunetv2's planner/preprocessor and a shrunk copy of its plans (the tests' sizes)."""
+    from resenc_lightning import demo
+
+    folder = demo.build_dataset(DATASET_ID, DATASET_NAME, plans, n_cases=5, shape_range=(18, 22), num_processes=2,
+                                extra_configuration=False)
+    name = f"{plans}_e2e_tiny"
+    shrunk = demo.derive_plans(json.loads((folder / f"{plans}.json").read_text()), name, features=[4, 8, 16],
+                               blocks_per_stage=1, patch=16, batch_size=2)
+    (folder / f"{name}.json").write_text(json.dumps(shrunk, indent=2))
+    return name
+
+
+def phases(args: argparse.Namespace, plans: str) -> list[tuple[str, list[str]]]:
+    train = [sys.executable, str(ROOT / "train.py"), "--plans", plans, "--dataset", str(DATASET_ID), "--fold", "0",
+             "--data.num_iterations_per_epoch", str(args.iters), "--data.num_val_iterations_per_epoch",
+             str(args.val_iters), *shlex.split(args.extra)]
+    if args.cpu_dry_run:
+        train += ["--trainer.accelerator", "cpu"]
+    model = Path(os.environ["nnUNet_results"]) / DATASET_NAME / f"{TRAINER}__{plans}__3d_fullres"
+    return [
+        ("train", [*train, "--trainer.max_epochs", "2", "--final_validation", "false"]),
+        ("resume", [*train, "--trainer.max_epochs", "3", "--resume", "true"]),
+        ("validate_only", [*train, "--trainer.max_epochs", "3", "--validate_only", "true"]),
+        ("predict", [sys.executable, "-c", PREDICT, "-i", str(Path(args.out) / "predict_in"), "-o",
+                     str(Path(args.out) / "predict_out"), "-m", str(model), "-f", "0", "-chk", "checkpoint_final.pth",
+                     "-npp", "1", "-nps", "1", *(["-device", "cpu"] if args.cpu_dry_run else [])]),
+    ]
+
+
+def _epochs_logged(fold: Path) -> int:
+    import torch
+
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    return len(ckpt["logging"]["train_losses"])
+
+
+def _strict_keys(fold: Path) -> list[str]:
+    """Problems with the Lightning checkpoint's keys: a compiled wrapper saved inside (`_orig_mod`) doubles them."""
+    import torch
+
+    ckpt = torch.load(fold / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    bad = [k for k in ckpt["state_dict"] if "_orig_mod" in k or "_forward_impl" in k]
+    return [f"last.ckpt holds compiled-wrapper keys, e.g. {bad[0]} ({len(bad)})"] if bad else []
+
+
+def check(phase: str, fold: Path, out: Path, cases: list[str]) -> list[str]:
+    """What a user would look for after each phase; returns the failures."""
+    problems: list[str] = []
+
+    def need(path: Path) -> bool:
+        if not path.is_file():
+            problems.append(f"missing {path}")
+        return path.is_file()
+
+    if phase in ("train", "resume"):
+        want = 2 if phase == "train" else 3
+        if need(fold / "checkpoints" / "last.ckpt"):
+            problems += _strict_keys(fold)
+        need(fold / "progress.png")
+        if need(fold / "checkpoint_final.pth") and (n := _epochs_logged(fold)) != want:
+            problems.append(f"checkpoint_final.pth logs {n} epochs, expected {want}")
+    if phase in ("resume", "validate_only"):
+        if need(fold / "validation" / "summary.json"):
+            dice = json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
+            if not 0.0 <= dice <= 1.0:
+                problems.append(f"foreground Dice {dice} out of [0, 1]")
+    if phase == "predict":
+        for case in cases:
+            need(out / "predict_out" / f"{case}.nii.gz")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="gpu_results/e2e", help="e2e.jsonl, e2e.md, per-phase logs, predictions")
+    p.add_argument("--workdir", default="/tmp/rl_stable_epochs", help="nnU-Net folders (gpu_stable_epochs.py's)")
+    p.add_argument("--plans", default="nnUNetResEncUNetLPlans")
+    p.add_argument("--iters", type=int, default=5, help="training steps per epoch (the only budget change)")
+    p.add_argument("--val-iters", type=int, default=2)
+    p.add_argument("--budget-s", type=float, default=None, help="all four phases together (cuda 480, cpu dry run 1800)")
+    p.add_argument("--extra", default="", help="more train.py arguments for phases 1-3")
+    p.add_argument("--cpu-dry-run", action="store_true", help="same sequence on CPU with tiny plans")
+    args = p.parse_args(argv)
+    args.budget_s = args.budget_s or (1800 if args.cpu_dry_run else 480)
+    start = time.time()
+    out = Path(args.out).resolve()
+    args.out = str(out)
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "predict_in").mkdir(parents=True)
+    workdir = Path(args.workdir).resolve()
+    set_paths(workdir)
+    plans = args.plans
+    if args.cpu_dry_run:
+        os.environ.setdefault("nnUNet_n_proc_DA", "0")
+        os.environ.setdefault("nnUNet_def_n_proc", "2")
+        plans = prepare_cpu(workdir, plans)
+    else:
+        plans = prepare_cuda(plans)
+    fold = Path(os.environ["nnUNet_results"]) / DATASET_NAME / f"{TRAINER}__{plans}__3d_fullres" / "fold_0"
+    shutil.rmtree(fold.parent, ignore_errors=True)  # a fresh run, as on a new machine
+    images = sorted((Path(os.environ["nnUNet_raw"]) / DATASET_NAME / "imagesTr").glob("*_0000.nii.gz"))[:2]
+    for img in images:
+        shutil.copy(img, out / "predict_in" / img.name)
+    cases = [img.name[: -len("_0000.nii.gz")] for img in images]
+    print(f"e2e: plans {plans}, fold {fold}, predict cases {cases}", flush=True)
+    ok = True
+    lines = []
+    with open(out / "e2e.jsonl", "w") as fh:
+        for name, cmd in phases(args, plans):
+            left = args.budget_s - (time.time() - start)
+            cap = min(CAPS[name] if not args.cpu_dry_run else left, left)
+            if not ok or cap < 10:
+                rec = {"phase": name, "status": "skipped", "reason": "an earlier phase failed" if not ok else "budget"}
+            else:
+                t0 = time.time()
+                if name == "validate_only":  # the check below then proves this phase wrote it
+                    (fold / "validation" / "summary.json").unlink(missing_ok=True)
+                with open(out / f"{name}.log", "w") as log:
+                    rc = subprocess.run(["timeout", "-k", "10", str(int(cap)), *cmd], stdout=log,
+                                        stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+                problems = [f"exit {rc}" + (" (timeout)" if rc in (124, 137) else "")] if rc else []
+                problems += check(name, fold, out, cases) if rc == 0 else []
+                rec = {"phase": name, "status": "ok" if not problems else "FAILED", "wall_s": round(time.time() - t0, 1),
+                       "cap_s": int(cap), "problems": problems, "cmd": shlex.join(cmd)}
+                ok = not problems
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            detail = "; ".join(rec.get("problems", [])) or rec.get("reason", "")
+            lines.append(f"| {name} | {rec['status']} | {rec.get('wall_s', '-')} | {detail} |")
+            print(f"[{time.time() - start:5.0f}s] e2e {name}: {rec['status']} {rec.get('problems') or ''}", flush=True)
+    md = ("## End to end through train.py (defaults)\n\n| phase | status | wall s | problems |\n|---|---|---|---|\n"
+          + "\n".join(lines) + f"\n\n{time.time() - start:.0f} s in all; plans {plans}; {args.iters}+{args.val_iters} "
+          f"steps per epoch{'; CPU dry run' if args.cpu_dry_run else ''}\n")
+    (out / "e2e.md").write_text(md)
+    print(md, flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
