@@ -86,6 +86,9 @@ class ResEncLightningCLI(LightningCLI):
                                  "validation cases, validation/summary.json, plus validation/summary_surface.json.")
         parser.add_argument("--validate_only", type=bool, default=False, **BARE_FLAG,
                             help="Only run the final validation from the fold's last checkpoint (nnU-Net's --val).")
+        parser.add_argument("--npz", type=bool, default=False, **BARE_FLAG,
+                            help="Final validation also saves the softmax (validation/<case>.npz + .pkl) as nnU-Net's "
+                                 "--npz; needed to ensemble configurations with nnUNetv2_find_best_configuration.")
         parser.add_argument("--val_best", type=bool, default=False, **BARE_FLAG,
                             help="With --validate_only: use the best (EMA pseudo-Dice) checkpoint (nnU-Net's --val_best).")
         parser.add_argument("--init_from_nnunet", type=str | None, default=None,
@@ -308,7 +311,7 @@ def validate(cli: ResEncLightningCLI, source: str) -> dict:
     if cli.datamodule.batch_size is None:
         cli.datamodule.setup("validate")
     result = run_final_validation(model.network, cli.datamodule.spec, device, model.inference_allowed_mirroring_axes,
-                                  int(cli.datamodule.batch_size))
+                                  int(cli.datamodule.batch_size), save_probabilities=bool(cli.config.get("npz")))
     if cli.trainer.is_global_zero:
         dice = result.get("final_val/foreground_dice")
         print(f"Final validation of {source}: foreground mean Dice {dice:.4f}; {result['summary']}, "

@@ -34,8 +34,13 @@ class _SummaryLog:
 
 
 def run_final_validation(network: torch.nn.Module, spec: RunSpec, device: torch.device,
-                         mirror_axes: tuple[int, ...], batch_size: int, surface_tolerance_mm: float = 1.0) -> dict:
-    """Predict the fold's validation cases with nnunetv2 and write summary.json (+ summary_surface.json)."""
+                         mirror_axes: tuple[int, ...], batch_size: int, surface_tolerance_mm: float = 1.0,
+                         save_probabilities: bool = False) -> dict:
+    """Predict the fold's validation cases with nnunetv2 and write summary.json (+ summary_surface.json).
+
+    `save_probabilities` is nnU-Net's --npz: the softmax goes to validation/<case>.npz (+ .pkl), which
+    nnUNetv2_find_best_configuration needs to ensemble configurations.
+    """
     # the predictor records the trainer's class name: present the view as nnUNetTrainer
     view = type("nnUNetTrainer", (SimpleNamespace,), {})(**vars(recipe.trainer_view(spec, device=device,
                                                                                        compile_network=False)))
@@ -59,7 +64,7 @@ def run_final_validation(network: torch.nn.Module, spec: RunSpec, device: torch.
     mod = getattr(network, "module", network)
     had_deep_supervision = bool(getattr(mod, "_orig_mod", mod).decoder.deep_supervision)
     try:
-        nnUNetTrainer.perform_actual_validation(view, save_probabilities=False)
+        nnUNetTrainer.perform_actual_validation(view, save_probabilities=save_probabilities)
     finally:
         network.train(was_training)
         # nnU-Net switches DS on here unconditionally; restoring keeps a DS-off network DS-off
