@@ -68,7 +68,7 @@ def _printed(args: list[str], capsys) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("flag", ["resume", "validate_only", "val_best", "deterministic", "memcheck"])
+@pytest.mark.parametrize("flag", ["resume", "validate_only", "val_best", "deterministic", "memcheck", "npz"])
 def test_boolean_flags_work_bare_as_in_nnunet(flag, capsys):
     assert _printed([f"--{flag}"], capsys)[flag] is True  # nnU-Net's `--c` style
     assert _printed([f"--{flag}", "--fold", "3"], capsys)[flag] is True  # bare, followed by another option
