@@ -497,9 +497,7 @@ def run_parity(args: argparse.Namespace, base: dict, info: dict, start: float) -
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(one_pair, range(args.pairs)))
-    pp = Path(os.environ["nnUNet_preprocessed"]) / info["dataset"]
-    labels = json.loads((pp / "dataset.json").read_text())["labels"]
-    names = {str(v): k for k, v in labels.items() if isinstance(v, int) and v > 0}
+    names = label_names(Path(os.environ["nnUNet_preprocessed"]) / info["dataset"] / "dataset.json")
     text = (f"{parity_table(results, names)}\n\ndevice {_device_name(args.device)}; plans {info['plans']} "
             f"(patch {info['patch_size']}, batch {info['batch_size']}, features {info['features_per_stage']}); "
             f"{args.pairs} pairs (seeds {args.seed}..{args.seed + args.pairs - 1}, order flips every pair) x "
@@ -511,14 +509,18 @@ def run_parity(args: argparse.Namespace, base: dict, info: dict, start: float) -
     return text
 
 
+def label_names(dataset_json: Path) -> dict[str, str]:
+    """Foreground label value -> name from dataset.json (empty when the file is gone)."""
+    labels = json.loads(dataset_json.read_text())["labels"] if dataset_json.is_file() else {}
+    return {str(v): k for k, v in labels.items() if isinstance(v, int) and v > 0}
+
+
 def tabulate(args: argparse.Namespace) -> str:
     """--tabulate: one parity table from the jsonl of several runs (e.g. seeds split over machines); pairs by seed."""
     records = [json.loads(line) for f in args.tabulate for line in Path(f).read_text().splitlines() if line.strip()]
     records = [{**r, "pair": r["seed"]} for r in records if "error" not in r]  # runs cut short are left out
     first = records[0]
-    labels_file = Path(first["workdir"]) / "nnUNet_preprocessed" / first["dataset"] / "dataset.json"
-    labels = json.loads(labels_file.read_text())["labels"] if labels_file.is_file() else {}
-    names = {str(v): k for k, v in labels.items() if isinstance(v, int) and v > 0}
+    names = label_names(Path(first["workdir"]) / "nnUNet_preprocessed" / first["dataset"] / "dataset.json")
     seeds = sorted({r["seed"] for r in records})
     text = (f"{parity_table(records, names)}\n\ndevice {first['device']}; plans {first['plans']}; {len(seeds)} pairs "
             f"(seeds {', '.join(map(str, seeds))}, native first in even pairs of each run) x {first['epochs']} epochs x "

@@ -9,7 +9,9 @@ from, which puts a GPU-sized checkpoint on the GPU before training starts.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 SKIP_IN_PRETRAINED = (".seg_layers.",)
@@ -91,16 +93,17 @@ def lightning_checkpoint_from_native(native: dict, trainer, model, num_iteration
     _set_progress(fit["epoch_progress"], done, done)
     for progress in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
         progress["completed"] = done - 1  # saved inside on_train_epoch_end, like our own last.ckpt
-    logging = {k: list(v) for k, v in native.get("logging", {}).items()}
+    logging = {k: _plain(list(v)) for k, v in native.get("logging", {}).items()}
     ema = logging.get("ema_fg_dice") or [None]
+    best_ema = _plain(native.get("_best_ema"))
     optimizer = model.configure_optimizers()
     checkpoint = {
         "epoch": done - 1, "global_step": steps, "pytorch-lightning_version": _lightning_version(),
         "state_dict": model.state_dict(), "loops": loops,
-        "callbacks": best_tracking_states(trainer, native.get("_best_ema")),
+        "callbacks": best_tracking_states(trainer, best_ema),
         "optimizer_states": [native["optimizer_state"]],
         "lr_schedulers": [optimizer["lr_scheduler"]["scheduler"].state_dict()],
-        "nnunet": {"ema_fg_dice": ema[-1], "best_ema": native.get("_best_ema"), "logging": logging,
+        "nnunet": {"ema_fg_dice": ema[-1], "best_ema": best_ema, "logging": logging,
                    "plans_identifier": spec.plans_identifier, "configuration": spec.configuration,
                    "fold": spec.fold, "dataset_name": spec.dataset_name},
     }
@@ -133,6 +136,16 @@ def best_tracking_states(trainer, best_ema: float | None) -> dict:
         elif isinstance(callback, NnUNetExport):
             states[callback.state_key] = {"exported_best": float(best_ema)}
     return states
+
+
+def _plain(value: Any) -> Any:
+    """nnU-Net logs numpy float32 scalars; our checkpoints hold plain Python values (loadable with weights_only=True).
+    float32 -> float is exact, and the EMA arithmetic converts back to float32 (module.ema_update)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _set_progress(progress: dict, total: int, current: int) -> None:
