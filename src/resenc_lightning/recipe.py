@@ -131,11 +131,15 @@ def validation_transforms(view: SimpleNamespace):
     )
 
 
+def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
+    """The plain network inside a DDP (`module`) and/or torch.compile (`_orig_mod`) wrapper."""
+    mod = getattr(network, "module", network)
+    return getattr(mod, "_orig_mod", mod)
+
+
 def set_deep_supervision(network: torch.nn.Module, enabled: bool) -> None:
     """Toggle DS on the (possibly compiled / DDP-wrapped) network, as nnU-Net does."""
-    mod = getattr(network, "module", network)
-    mod = getattr(mod, "_orig_mod", mod)
-    mod.decoder.deep_supervision = enabled
+    unwrap_network(network).decoder.deep_supervision = enabled
 
 
 def n_proc_da() -> int:

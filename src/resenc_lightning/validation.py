@@ -61,8 +61,7 @@ def run_final_validation(network: torch.nn.Module, spec: RunSpec, device: torch.
     view.print_to_log_file = lambda *args, **kwargs: print(*args, flush=True) \
         if kwargs.get("also_print_to_console") and view.local_rank == 0 else None
     was_training = network.training
-    mod = getattr(network, "module", network)
-    had_deep_supervision = bool(getattr(mod, "_orig_mod", mod).decoder.deep_supervision)
+    had_deep_supervision = bool(recipe.unwrap_network(network).decoder.deep_supervision)
     try:
         nnUNetTrainer.perform_actual_validation(view, save_probabilities=save_probabilities)
     finally:
