@@ -140,7 +140,7 @@ def test_world_size_above_global_batch_is_refused(tiny_dataset, results_dir):
 
 
 def test_callback_messages_carry_the_rank_under_ddp(monkeypatch):
-    from resenc_lightning.callbacks import rank_report
+    from resenc_lightning import rank_report
 
     fake = SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True, get_world_size=lambda: 2,
                            get_rank=lambda: 1)

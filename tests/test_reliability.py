@@ -12,11 +12,10 @@ from conftest import tiny_args
 from resenc_lightning import atomic
 from resenc_lightning.atomic import AtomicCheckpointIO, CheckpointWriteError, atomic_save
 from resenc_lightning.cli import UsageError, build_cli, main
+from resenc_lightning.memory_target import GB, first_step_oom_message
 from resenc_lightning.module import ResEncUNetModule
-from resenc_lightning.oom import first_step_oom_message
 
 QUIET = ("--final_validation", "false", "--nnunet_export.plot_progress", "false")
-GB = 1024**3
 
 
 def disk_full(*args, **kwargs):

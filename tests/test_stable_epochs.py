@@ -28,14 +28,9 @@ from resenc_lightning.callbacks import memory_cap
 from resenc_lightning.callbacks.cudnn_pinning import CudnnPinning
 from resenc_lightning.callbacks.epoch_timing import EpochTiming
 from resenc_lightning.callbacks.gpu_monitor import ExclusiveGpuError, GpuMonitor
-from resenc_lightning.callbacks.memory_cap import (
-    GB,
-    CudaMemoryCap,
-    decide_cap,
-    planner_command,
-    plans_target_gb,
-)
+from resenc_lightning.callbacks.memory_cap import CudaMemoryCap
 from resenc_lightning.cli import UsageError, build_cli, main
+from resenc_lightning.memory_target import GB, decide_cap, planner_command, plans_target_gb
 
 PIN_ON_CPU = ("--cudnn_pinning.run_on_cpu", "true")
 # A fixed PolyLR length for runs resumed with a larger max_epochs (the restored scheduler keeps the first run's length).

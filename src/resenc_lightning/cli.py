@@ -406,7 +406,7 @@ def fit(cli: ResEncLightningCLI, ckpt_path: str | None) -> None:
     except torch.OutOfMemoryError:
         if trainer.global_step > 0:
             raise
-        from resenc_lightning.oom import first_step_oom_message
+        from resenc_lightning.memory_target import first_step_oom_message
 
         raise UsageError(first_step_oom_message(cli.datamodule.spec, trainer.strategy.root_device)) from None
 

@@ -20,10 +20,10 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from resenc_lightning import recipe
-from resenc_lightning.callbacks.rng_state import collect_rng_states, run_seed, set_rng_states
 from resenc_lightning.data_checks import check_network_class, check_preprocessed_data
 from resenc_lightning.orphans import die_with_parent
 from resenc_lightning.plans import RunSpec, resolve_run
+from resenc_lightning.rng import collect_rng_states, run_seed, set_rng_states
 
 #: nnU-Net's schedule (nnUNetTrainer.__init__).
 NNUNET_TRAIN_ITERATIONS = 250

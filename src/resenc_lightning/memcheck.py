@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from resenc_lightning.callbacks.cudnn_pinning import random_label_loss
-from resenc_lightning.callbacks.memory_cap import GB, decide_cap, planner_command, plans_target_gb
+from resenc_lightning.memory_target import GB, decide_cap, planner_command, plans_target_gb
+from resenc_lightning.recipe import random_label_loss
 
 
 class MemcheckError(RuntimeError):

@@ -21,8 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from resenc_lightning import gpu_info
-from resenc_lightning.callbacks import rank_report
+from resenc_lightning import gpu_info, rank_report
 
 
 class EpochTiming(pl.Callback):

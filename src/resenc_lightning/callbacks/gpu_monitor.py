@@ -11,10 +11,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from resenc_lightning import gpu_info
-from resenc_lightning.callbacks import rank_report
-
-GB = 1024**3
+from resenc_lightning import gpu_info, rank_report
+from resenc_lightning.memory_target import GB
 
 
 class ExclusiveGpuError(RuntimeError):

@@ -6,7 +6,7 @@ card for 20-22 GB). Two modes:
 
 * ``fraction``: ``torch.cuda.set_per_process_memory_fraction(cap / total)``. Bounds what the caching
   allocator may hold. cuDNN's candidate filter still sees the card's free memory, so this alone
-  does not make cuDNN's algorithm choice reproducible (see DESIGN.md).
+  does not make cuDNN's algorithm choice reproducible (docs/DESIGN.md).
 * ``emulate``: allocate a ballast block of ``total - cap`` so the device *looks* like a card of
   ``cap`` GB to everything, cuDNN's free-memory query included: what a run on the target card
   would see.
@@ -16,73 +16,18 @@ Runs in ``setup`` (before Lightning moves the model to the GPU), i.e. before any
 
 from __future__ import annotations
 
-import math
 import os
-import re
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 
-from resenc_lightning.callbacks import rank_report
-
-GB = 1024**3
-#: VRAM targets of nnunetv2's ResEnc planners (their `gpu_memory_target_in_gb` defaults).
-PLANNER_TARGETS_GB = {"nnUNetPlannerResEncM": 8.0, "nnUNetPlannerResEncL": 24.0, "nnUNetPlannerResEncXL": 40.0}
-_NAME_TARGET = re.compile(r"_(\d+(?:\.\d+)?)\s*G(?:B)?(?:_|$)", re.IGNORECASE)
+from resenc_lightning import rank_report
+from resenc_lightning.memory_target import GB, CapDecision, decide_cap, planner_command, plans_target_gb
 
 
 class MemoryTargetError(ValueError):
     """An explicit memory target the card cannot hold (a user error, reported in one line)."""
-
-
-@dataclass
-class CapDecision:
-    total_gb: float
-    target_gb: float
-    cap_gb: float
-    fraction: float
-    fits: bool
-    max_fit_gb: float
-    target_source: str
-
-
-def plans_target_gb(plans: dict) -> tuple[float | None, str]:
-    """The VRAM target the plans were made for: explicit key, `_<N>GB` in the plans name, else planner default."""
-    if "gpu_memory_target_in_gb" in plans:
-        return float(plans["gpu_memory_target_in_gb"]), "plans key gpu_memory_target_in_gb"
-    match = _NAME_TARGET.search(plans.get("plans_name", ""))
-    if match:
-        return float(match.group(1)), f"plans name {plans['plans_name']}"
-    planner = plans.get("experiment_planner_used", "")
-    if planner in PLANNER_TARGETS_GB:
-        return PLANNER_TARGETS_GB[planner], f"{planner} default"
-    return None, f"planner {planner or 'unknown'} has no known target"
-
-
-def decide_cap(total_bytes: int, target_gb: float, target_source: str = "explicit",
-               headroom_fraction: float = 0.1, min_headroom_gb: float = 2.0) -> CapDecision:
-    """cap = min(target, total - headroom), headroom = max(headroom_fraction * total, min_headroom_gb)."""
-    total_gb = total_bytes / GB
-    headroom = max(total_gb * headroom_fraction, min_headroom_gb)
-    max_fit = max(total_gb - headroom, 0.0)
-    cap = min(target_gb, max_fit)
-    return CapDecision(total_gb, target_gb, cap, cap / total_gb if total_gb else 0.0, target_gb <= max_fit,
-                       max_fit, target_source)
-
-
-def planner_command(plans: dict, dataset_id: int | str, target_gb: float) -> str:
-    """The nnunetv2 command that re-plans for a target that fits this card."""
-    planner = plans.get("experiment_planner_used", "nnUNetPlannerResEncL")
-    if planner not in PLANNER_TARGETS_GB:
-        planner = "nnUNetPlannerResEncL"
-    n = int(math.floor(target_gb))
-    # nnUNetResEncUNetLPlans / ..._20GB_Plans / nnU-Net docs' nnUNetResEncUNetPlans_80G -> nnUNetResEncUNet[L]_<n>GB_Plans
-    base = re.sub(r"Plans(?=_|$)", "", plans.get("plans_name", "nnUNetResEncUNetLPlans"))
-    base = re.sub(r"_+", "_", _NAME_TARGET.sub("_", base)).strip("_")
-    return (f"nnUNetv2_plan_experiment -d {dataset_id} -pl {planner} -gpu_memory_target {n} "
-            f"-overwrite_plans_name {base}_{n}GB_Plans")
 
 
 class CudaMemoryCap(pl.Callback):
