@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY_ID = 555
 TINY_NAME = f"Dataset{TINY_ID}_Tiny"
@@ -62,3 +63,11 @@ def tiny_args(results_dir: Path, *extra: str, epochs: int = 2, iters: int = 3, v
         "--data.num_val_iterations_per_epoch", str(val_iters), "--trainer.max_epochs", str(epochs),
         "--trainer.enable_model_summary", "false", "--seed_everything", "123", *extra,
     ]
+
+
+@pytest.fixture()
+def restore_cudnn_benchmark():
+    """Tests that run the cuDNN warm-up leave torch.backends.cudnn.benchmark as they found it."""
+    before = torch.backends.cudnn.benchmark
+    yield
+    torch.backends.cudnn.benchmark = before

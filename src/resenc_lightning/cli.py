@@ -8,14 +8,12 @@ folder, the forced callbacks and `--resume`.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -24,7 +22,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from resenc_lightning import demo
-from resenc_lightning.atomic import AtomicCheckpointIO, CheckpointWriteError, atomic_save, remove_stale_temporaries
+from resenc_lightning.atomic import AtomicCheckpointIO, CheckpointWriteError, atomic_save
 from resenc_lightning.callbacks.cudnn_pinning import CudnnPinning
 from resenc_lightning.callbacks.epoch_timing import EpochTiming
 from resenc_lightning.callbacks.gpu_monitor import GpuMonitor
@@ -36,7 +34,7 @@ from resenc_lightning.data import NnUNetDataModule
 from resenc_lightning.fault_hooks import PauseAt
 from resenc_lightning.module import ResEncUNetModule, drop_compiled_duplicates
 from resenc_lightning.plans import RunSpec, RunSpecError
-from resenc_lightning.resume import CheckpointError, CheckpointInfo, choose_resume_checkpoint, read_checkpoint_info
+from resenc_lightning.resume import LAST_CHECKPOINT, ResumeError, resume_checkpoint
 
 #: nnUNetTrainer's loop settings expressed as Trainer defaults (each overridable with --trainer.*).
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -50,7 +48,6 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 #: Our boolean options also work bare, as nnU-Net's flags (`--resume` = `--resume true`; `--resume false` still works).
 BARE_FLAG: dict[str, Any] = {"nargs": "?", "const": True}
 CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = "last.ckpt"
 
 
 class UsageError(SystemExit):
@@ -140,8 +137,10 @@ class ResEncLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config
         self.resume = bool(cfg.get("resume"))
-        if cfg.trainer.max_epochs is None:
-            cfg.trainer.max_epochs = demo.DEMO_EPOCHS if cfg.get("dataset") is None else 1000
+        if cfg.get("dataset") is None:
+            resolve_demo(cfg)
+        elif cfg.trainer.max_epochs is None:
+            cfg.trainer.max_epochs = 1000
 
     def instantiate_classes(self) -> None:
         try:
@@ -228,17 +227,6 @@ class ResEncLightningCLI(LightningCLI):
         print(f"Resuming the native nnU-Net run {path} at epoch {native['current_epoch']}", flush=True)
         return str(target)
 
-    def check_checkpoint_matches_run(self, path: Path, state: dict) -> None:
-        """The module's on_load_checkpoint check, as a one-line error before any GPU work."""
-        spec = self.datamodule.spec
-        ours = (spec.dataset_name, spec.plans_identifier, spec.configuration, str(spec.fold))
-        theirs = (state.get("dataset_name"), state.get("plans_identifier"), state.get("configuration"),
-                  str(state.get("fold")))
-        if state and ours != theirs:
-            raise UsageError(f"--resume checkpoint {path} was trained on {'/'.join(map(str, theirs))} but this run is "
-                             f"{'/'.join(ours)}; resume with the same --dataset/--plans/--configuration/--fold or "
-                             f"start a new run in another folder.")
-
     def load_weights_for_validation(self) -> str:
         name = "best.ckpt" if self.config.get("val_best") else LAST_CHECKPOINT
         path = self.checkpoint_dir / name
@@ -249,57 +237,24 @@ class ResEncLightningCLI(LightningCLI):
         self.model.load_state_dict(drop_compiled_duplicates(state), strict=True)
         return f"checkpoint {path}"
 
-    def slurm_requeue(self) -> tuple[bool, CheckpointInfo | None]:
-        """Whether this is a requeued SLURM job (SLURM_RESTART_COUNT > 0, or Lightning's `hpc_ckpt_N.ckpt`, written on
-        the requeue signal, present), and the newest hpc checkpoint if it is intact."""
-        if not SLURMEnvironment.detect():
-            return False, None
-        hpc = sorted(self.output_folder.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
-        if not hpc:
-            return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0, None
-        try:
-            return True, read_checkpoint_info(hpc[-1])
-        except CheckpointError as e:
-            print(f"error: {e}", flush=True)
-            return True, None
-
     def resolve_ckpt_path(self) -> str | None:
-        last = self.checkpoint_dir / LAST_CHECKPOINT
-        folder = self.output_folder
-        for stale in remove_stale_temporaries(self.checkpoint_dir, folder, folder.parent):
-            print(f"Removed {stale}, left by an interrupted write.", flush=True)
-        requeued, hpc = self.slurm_requeue()
-        has_checkpoints = self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.glob("*.ckpt"))
-        if requeued and (has_checkpoints or hpc is not None):
-            self.resume = True  # the requeued job runs the same command: no --resume needed
-        if self.resume:
-            if not has_checkpoints and hpc is None:
-                raise UsageError(f"--resume given but there is no checkpoint at {last}; run without --resume to "
-                                 f"start this fold.")
-            chosen, problems = None, []
-            if has_checkpoints:
-                try:
-                    chosen, problems = choose_resume_checkpoint(self.checkpoint_dir, LAST_CHECKPOINT)
-                except CheckpointError as e:
-                    if hpc is None:
-                        raise UsageError(str(e)) from None
-                    problems = [str(e)]
-            for problem in problems:
-                print(f"error: {problem}", flush=True)
-            if hpc is not None and (chosen is None or (hpc.global_step, hpc.epoch) > (chosen.global_step, chosen.epoch)):
-                chosen = hpc  # written on the requeue signal, after the fold's last checkpoint
-            if requeued and self.trainer.is_global_zero:
-                print(f"SLURM job {os.environ.get('SLURM_JOB_ID', '?')} requeued: resuming from {chosen.path}",
-                      flush=True)
-            elif problems:
-                print(f"Resuming from the newest intact checkpoint {chosen.path} (epoch {chosen.epoch}, step "
-                      f"{chosen.global_step}).", flush=True)
-            self.check_checkpoint_matches_run(chosen.path, chosen.nnunet)
-            return str(chosen.path)
-        if has_checkpoints:
-            raise UsageError(f"{self.checkpoint_dir} already holds checkpoints; add --resume to continue that run, "
-                             f"or pass another --fold / --data.trainer_name (nothing was overwritten).")
-        return None
+        """The checkpoint to continue from (resume.py's policy), or None for a fresh start."""
+        try:
+            return resume_checkpoint(self.checkpoint_dir, self.output_folder, self.datamodule.spec, self.resume,
+                                     self.trainer.is_global_zero)
+        except ResumeError as e:
+            raise UsageError(str(e)) from None
+
+def resolve_demo(cfg: Any) -> None:
+    """No --dataset means the embedded demo: build it once (nnunetv2's planner and preprocessor, cached) and fill in
+    its dataset, configuration and short schedule wherever the user left them open."""
+    info = demo.ensure_demo_dataset(plans=cfg.get("plans"))
+    cfg.data.dataset = info.dataset_name
+    cfg.data.configuration = cfg.data.configuration or info.configuration
+    cfg.data.num_iterations_per_epoch = cfg.data.num_iterations_per_epoch or info.num_iterations_per_epoch
+    cfg.data.num_val_iterations_per_epoch = cfg.data.num_val_iterations_per_epoch or info.num_val_iterations_per_epoch
+    if cfg.trainer.max_epochs is None:
+        cfg.trainer.max_epochs = info.max_epochs
 
 
 def validate(cli: ResEncLightningCLI, source: str) -> dict:

@@ -22,7 +22,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from resenc_lightning import recipe
 from resenc_lightning.data_checks import check_network_class, check_preprocessed_data
 from resenc_lightning.orphans import die_with_parent
-from resenc_lightning.plans import RunSpec, resolve_run
+from resenc_lightning.plans import RunSpec, RunSpecError, resolve_run
 from resenc_lightning.rng import collect_rng_states, run_seed, set_rng_states
 
 #: nnU-Net's schedule (nnUNetTrainer.__init__).
@@ -36,7 +36,7 @@ class EpochBatches:
     `already_done()` says how many of this epoch's batches a mid-epoch checkpoint already trained on; a resumed
     epoch then yields only the rest. For the in-process augmenter (global RNGs) the RNG states before the last two
     draws are kept, so a stop can rewind a batch that was fetched but not trained on (a prefetch) and the resumed
-    run draws it again.
+    run draws it again (`rewind_to`: the interface GracefulStop's stop checkpoint relies on).
     """
 
     def __init__(self, source: Any, num_batches: int, already_done: Callable[[], int] | None = None) -> None:
@@ -79,9 +79,8 @@ class NnUNetDataModule(pl.LightningDataModule):
 
     Args:
         plans: plans identifier (file name without .json), e.g. nnUNetResEncUNetLPlans.
-        dataset: dataset ID or name under nnUNet_preprocessed; None trains the embedded demo.
-        configuration: plans configuration (3d_fullres, 3d_lowres, 2d, or a custom one);
-            None means 3d_fullres, or the demo's configuration for the demo.
+        dataset: dataset ID or name under nnUNet_preprocessed (the CLI resolves "no --dataset" to the demo's).
+        configuration: plans configuration (3d_fullres, 3d_lowres, 2d, or a custom one); None means 3d_fullres.
         fold: 0-4 (nnU-Net's 5-fold split from splits_final.json) or "all".
         num_iterations_per_epoch: training batches per epoch (None: nnU-Net's 250; the demo's own).
         num_val_iterations_per_epoch: validation batches per epoch (None: nnU-Net's 50; the demo's own).
@@ -112,15 +111,9 @@ class NnUNetDataModule(pl.LightningDataModule):
         enable_deep_supervision: bool = True,
     ) -> None:
         super().__init__()
-        self.is_demo = dataset is None
-        if self.is_demo:
-            from resenc_lightning import demo
-
-            info = demo.ensure_demo_dataset(plans=plans)
-            dataset = info.dataset_name
-            configuration = configuration or info.configuration
-            num_iterations_per_epoch = num_iterations_per_epoch or info.num_iterations_per_epoch
-            num_val_iterations_per_epoch = num_val_iterations_per_epoch or info.num_val_iterations_per_epoch
+        if dataset is None:
+            raise RunSpecError("NnUNetDataModule needs a dataset; pass --dataset ID (or omit it on the command line, "
+                               "where the CLI resolves it to the embedded demo).")
         self.spec: RunSpec = resolve_run(
             plans, dataset, configuration or "3d_fullres", fold, trainer_name=trainer_name,
             results_root=Path(results_dir) if results_dir else None,

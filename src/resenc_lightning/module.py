@@ -231,22 +231,14 @@ class ResEncUNetModule(pl.LightningModule):
 
     # -- checkpoint state ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["nnunet"] = {
-            "ema_fg_dice": self.ema_fg_dice, "best_ema": self.best_ema, "logging": self.nnunet_log,
-            "plans_identifier": self.spec.plans_identifier, "configuration": self.spec.configuration,
-            "fold": self.spec.fold, "dataset_name": self.spec.dataset_name,
-        }
+        checkpoint["nnunet"] = self.spec.checkpoint_section(self.ema_fg_dice, self.best_ema, self.nnunet_log)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("nnunet", {})
-        ours = (self.spec.dataset_name, self.spec.plans_identifier, self.spec.configuration, str(self.spec.fold))
-        theirs = (state.get("dataset_name"), state.get("plans_identifier"), state.get("configuration"),
-                  str(state.get("fold")))
-        if state and ours != theirs:
-            raise ValueError(
-                f"checkpoint was trained on {'/'.join(theirs)} but this run is {'/'.join(ours)}; "
-                f"resume with the same --dataset/--plans/--configuration/--fold or start a new run."
-            )
+        mismatch = self.spec.checkpoint_mismatch(state)
+        if mismatch:
+            raise ValueError(f"checkpoint was {mismatch}; resume with the same --dataset/--plans/--configuration/--fold "
+                             f"or start a new run.")
         drop_compiled_duplicates(checkpoint.get("state_dict", {}))
         self.ema_fg_dice = state.get("ema_fg_dice")
         self.best_ema = state.get("best_ema")

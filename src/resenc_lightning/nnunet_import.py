@@ -103,9 +103,7 @@ def lightning_checkpoint_from_native(native: dict, trainer, model, num_iteration
         "callbacks": best_tracking_states(trainer, best_ema),
         "optimizer_states": [native["optimizer_state"]],
         "lr_schedulers": [optimizer["lr_scheduler"]["scheduler"].state_dict()],
-        "nnunet": {"ema_fg_dice": ema[-1], "best_ema": best_ema, "logging": logging,
-                   "plans_identifier": spec.plans_identifier, "configuration": spec.configuration,
-                   "fold": spec.fold, "dataset_name": spec.dataset_name},
+        "nnunet": spec.checkpoint_section(ema[-1], best_ema, logging),
     }
     scaler_state = native.get("grad_scaler_state")
     if scaler_state is not None:

@@ -30,6 +30,10 @@ class RunSpecError(ValueError):
     """A user-fixable problem with the dataset / plans / configuration / fold a run asks for."""
 
 
+#: The "nnunet" checkpoint keys that say which run a checkpoint belongs to (RunSpec.identity).
+IDENTITY_KEYS = ("dataset_name", "plans_identifier", "configuration", "fold")
+
+
 @dataclass
 class RunSpec:
     """Everything the DataModule, the module and the callbacks need to know about one nnU-Net run."""
@@ -61,6 +65,24 @@ class RunSpec:
     @property
     def dataset_id(self) -> int:
         return int(self.dataset_name[len("Dataset"):len("Dataset") + 3])
+
+    def identity(self) -> tuple[str, str, str, str]:
+        """What makes a checkpoint this run's: dataset, plans, configuration, fold (the fold as text: 0 == "0")."""
+        return self.dataset_name, self.plans_identifier, self.configuration, str(self.fold)
+
+    def checkpoint_section(self, ema_fg_dice: float | None, best_ema: float | None, logging: dict) -> dict:
+        """The checkpoint's "nnunet" section: nnU-Net's EMA/best/logging state plus this run's identity.
+        One builder for our own checkpoints and those imported from a native nnU-Net run."""
+        return {"ema_fg_dice": ema_fg_dice, "best_ema": best_ema, "logging": logging,
+                **dict(zip(IDENTITY_KEYS, (self.dataset_name, self.plans_identifier, self.configuration, self.fold)))}
+
+    def checkpoint_mismatch(self, section: dict) -> str | None:
+        """None when a checkpoint's "nnunet" section belongs to this run (or it has none, e.g. a foreign
+        Lightning checkpoint), else "trained on <theirs> but this run is <ours>"."""
+        theirs = tuple(str(section.get(k)) for k in IDENTITY_KEYS)
+        if not section or theirs == self.identity():
+            return None
+        return f"trained on {'/'.join(theirs)} but this run is {'/'.join(self.identity())}"
 
 
 def _env_dir(var: str, purpose: str) -> Path:

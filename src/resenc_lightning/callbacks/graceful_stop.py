@@ -19,12 +19,43 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+@runtime_checkable
+class RewindableBatches(Protocol):
+    """What GracefulStop asks of the train dataloader (data.EpochBatches has it): put the in-process RNG streams
+    back to before batch `trained` of the epoch when that batch was prefetched but not trained on, so the RNG
+    state saved with the stop checkpoint is that of the first batch the resumed run will draw."""
+
+    def rewind_to(self, trained: int) -> None: ...
+
+
+# -- The Lightning internals this callback needs (lightning 2.6; tests/test_slurm_requeue.py and test_faults.py
+#    exercise each). Lightning has no public API for them: its SIGTERM/requeue handling lives in private connectors.
+def slurm_auto_requeue_signal(trainer: pl.Trainer) -> int | None:
+    """The requeue signal when Lightning's SLURM environment will requeue the job, else None."""
+    env = trainer._accelerator_connector.cluster_environment
+    if isinstance(env, SLURMEnvironment) and env.auto_requeue:
+        return int(env.requeue_signal or signal.SIGUSR1)
+    return None
+
+
+def request_stop_after_step(trainer: pl.Trainer) -> None:
+    """What Lightning's SIGTERM handler sets: the loop finishes this step, then raises SIGTERMException."""
+    trainer._signal_connector.received_sigterm = True
+
+
+def requeue_now(trainer: pl.Trainer, signum: int) -> Path:
+    """Lightning's own requeue routine (save hpc_ckpt_N.ckpt, `scontrol requeue`); returns the hpc path."""
+    path = Path(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+    trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)
+    return path
 
 
 class GracefulStop(pl.Callback):
@@ -47,9 +78,8 @@ class GracefulStop(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning installed its SIGTERM (and SLURM requeue) handlers in Trainer._run; ours forward to / replace them.
         handlers = {signal.SIGINT: self._handle}
-        env = trainer._accelerator_connector.cluster_environment
-        if isinstance(env, SLURMEnvironment) and env.auto_requeue:
-            self.requeue_signal = int(env.requeue_signal or signal.SIGUSR1)
+        self.requeue_signal = slurm_auto_requeue_signal(trainer)
+        if self.requeue_signal is not None:
             handlers[self.requeue_signal] = self._handle_requeue
         else:
             handlers[signal.SIGUSR1] = self._handle
@@ -73,7 +103,7 @@ class GracefulStop(pl.Callback):
             self.received = self.requeue_signal
             rank_zero_info(f"Received the SLURM requeue signal: stopping after step {trainer.global_step} to save an "
                            f"hpc checkpoint and requeue the job.")
-            trainer._signal_connector.received_sigterm = True  # Lightning's stop after this step -> on_exception
+            request_stop_after_step(trainer)  # -> SIGTERMException after this step -> on_exception
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None and signum == signal.SIGINT:
@@ -89,14 +119,12 @@ class GracefulStop(pl.Callback):
         self._restore()
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
             return
-        rewind = getattr(trainer.train_dataloader, "rewind_to", None)
-        if callable(rewind):  # the RNGs saved must be those of the first batch not trained on (undo any prefetch)
-            rewind(int(trainer.fit_loop.epoch_loop.batch_progress.current.completed))
+        batches = trainer.train_dataloader
+        if isinstance(batches, RewindableBatches):  # the RNGs saved must be the first untrained batch's (undo prefetch)
+            batches.rewind_to(int(trainer.fit_loop.epoch_loop.batch_progress.current.completed))
         self.saved_at_step = trainer.global_step
         if self.requeue:  # Lightning's requeue routine, now at a step boundary on every rank
-            connector = trainer._signal_connector
-            self.saved_to = Path(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
-            connector._slurm_sigusr_handler_fn(self.requeue_signal, None)
+            self.saved_to = requeue_now(trainer, self.requeue_signal)
             rank_zero_info(f"Saved {self.saved_to} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
                            f"the requeued job resumes from it.")
             return

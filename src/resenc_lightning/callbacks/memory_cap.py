@@ -55,18 +55,17 @@ class CudaMemoryCap(pl.Callback):
         self.mode = mode
         self.expandable_segments = expandable_segments
         self.decision: CapDecision | None = None
+        self.restored_decision: CapDecision | None = None
         self.warning: str | None = None
         self._ballast: torch.Tensor | None = None
         self.ballast_bytes = 0
         self._cuda: Any = torch.cuda  # replaced by a fake in tests
-        if expandable_segments and enabled:
-            conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-            if "expandable_segments" not in conf:
-                os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(filter(None, [conf, "expandable_segments:True"]))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.enabled or self.decision is not None:
             return
+        if self.expandable_segments:
+            self.request_expandable_segments()
         device = trainer.strategy.root_device
         if device.type != "cuda":
             rank_report.info(f"CudaMemoryCap: device is {device.type}, no CUDA memory to cap.")
@@ -110,8 +109,25 @@ class CudaMemoryCap(pl.Callback):
                            f"on a {d.total_gb:.1f} GB device).")
         return d
 
+    @staticmethod
+    def request_expandable_segments() -> None:
+        """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True. Read when the caching allocator starts, i.e. at the
+        first CUDA allocation: setup runs before Lightning moves the model, so in a fresh process it takes effect."""
+        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+        if "expandable_segments" not in conf:
+            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(filter(None, [conf, "expandable_segments:True"]))
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rank_report.warn("CudaMemoryCap: CUDA was initialised before setup; expandable_segments takes effect "
+                             "only in a new process (export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).")
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._ballast = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"decision": vars(self.decision) if self.decision else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The saved decision is a record of the run that wrote the checkpoint (its card may differ from this
+        one): kept as `restored_decision` for comparison; this run decides afresh for its own card in setup."""
+        saved = state_dict.get("decision")
+        self.restored_decision = CapDecision(**saved) if saved else None
