@@ -9,7 +9,7 @@ from, which puts a GPU-sized checkpoint on the GPU before training starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -111,13 +111,20 @@ def lightning_checkpoint_from_native(native: dict, trainer, model, num_iteration
     return checkpoint
 
 
+@runtime_checkable
+class ContinuesBest(Protocol):
+    """A callback that tracks the best EMA pseudo-Dice and can start from a native run's best (NnUNetExport)."""
+
+    state_key: str
+
+    def state_continuing_best(self, best_ema: float) -> dict[str, Any]: ...
+
+
 def best_tracking_states(trainer, best_ema: float | None) -> dict:
     """Callback states that continue the native run's best EMA pseudo-Dice (`_best_ema`): the `ema_fg_dice`
     ModelCheckpoint (best.ckpt) and the nnU-Net export (checkpoint_best.pth) then only write when the EMA beats it,
     as nnU-Net does after --c. The native best has no .ckpt here; its score stands for it under best.ckpt's name."""
     from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from resenc_lightning.callbacks.nnunet_export import NnUNetExport
 
     if best_ema is None:
         return {}
@@ -131,8 +138,8 @@ def best_tracking_states(trainer, best_ema: float | None) -> dict:
             state.update(best_model_score=score, best_model_path=path, current_score=score, best_k_models={path: score},
                          kth_best_model_path=path, kth_value=score)
             states[callback.state_key] = state
-        elif isinstance(callback, NnUNetExport):
-            states[callback.state_key] = {"exported_best": float(best_ema)}
+        elif isinstance(callback, ContinuesBest):  # NnUNetExport (checkpoint_best.pth)
+            states[callback.state_key] = callback.state_continuing_best(best_ema)
     return states
 
 

@@ -1,7 +1,7 @@
 """Find and validate the nnU-Net dataset, plans and configuration a run trains on.
 
 Everything here runs before any model or GPU work so that a user's mistake costs seconds and
-produces one sentence naming the bad value and the fix (DESIGN.md, "Errors a user can cause").
+produces one sentence naming the bad value and the fix (docs/DESIGN.md, "Errors a user can cause").
 """
 
 from __future__ import annotations

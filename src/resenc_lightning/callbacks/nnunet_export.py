@@ -125,3 +125,9 @@ class NnUNetExport(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._exported_best = state_dict.get("exported_best")
+
+    @staticmethod
+    def state_continuing_best(best_ema: float) -> dict[str, Any]:
+        """The state of an export that already wrote checkpoint_best.pth at `best_ema` (a native run's `_best_ema`,
+        imported by --resume_from_nnunet): it then writes a new best only when the EMA beats it, as nnU-Net does."""
+        return {"exported_best": float(best_ema)}
