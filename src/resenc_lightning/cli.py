@@ -2,8 +2,9 @@
 
 `--plans/--dataset/--configuration/--fold` read like `nnUNetv2_train`; everything else is
 LightningCLI (`--config configs/x.yaml`, `--trainer.*`, `--model.*`, `--data.*`,
-`--print_config`). This file holds only the glue: nnU-Net's defaults for the Trainer, the output
-folder, the forced callbacks and `--resume`.
+`--print_config`). This file holds only the glue: nnU-Net's defaults for the Trainer, the demo when
+no `--dataset` is given, the output folder, the forced callbacks, and one-line errors. Which checkpoint
+`--resume` continues from is resume.py's policy; native checkpoints are nnunet_import.py's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from resenc_lightning import demo
-from resenc_lightning.atomic import AtomicCheckpointIO, CheckpointWriteError, atomic_save
+from resenc_lightning.atomic import AtomicCheckpointIO, CheckpointWriteError
 from resenc_lightning.callbacks.cudnn_pinning import CudnnPinning
 from resenc_lightning.callbacks.epoch_timing import EpochTiming
 from resenc_lightning.callbacks.gpu_monitor import GpuMonitor
@@ -34,7 +35,7 @@ from resenc_lightning.data import NnUNetDataModule
 from resenc_lightning.fault_hooks import PauseAt
 from resenc_lightning.module import ResEncUNetModule, drop_compiled_duplicates
 from resenc_lightning.plans import RunSpec, RunSpecError
-from resenc_lightning.resume import LAST_CHECKPOINT, ResumeError, resume_checkpoint
+from resenc_lightning.resume import LAST_CHECKPOINT, ResumeError, resume_checkpoint, validation_checkpoint
 
 #: nnUNetTrainer's loop settings expressed as Trainer defaults (each overridable with --trainer.*).
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -205,34 +206,23 @@ class ResEncLightningCLI(LightningCLI):
 
     def import_native_checkpoint(self, path: str, ckpt_path: str | None) -> str:
         """Turn a native nnU-Net checkpoint into a Lightning one in this fold's checkpoints/ and resume from it."""
-        from resenc_lightning.nnunet_import import (
-            NnUNetImportError,
-            lightning_checkpoint_from_native,
-            load_native_checkpoint,
-        )
+        from resenc_lightning.nnunet_import import NnUNetImportError, import_native_run
 
         if ckpt_path is not None or self.config.get("init_from_nnunet"):
             raise UsageError("--resume_from_nnunet starts a fold from a native checkpoint; it excludes --resume and "
                              "--init_from_nnunet.")
+        dm = self.datamodule
         try:
-            native = load_native_checkpoint(path, "--resume_from_nnunet")
-            dm = self.datamodule
-            checkpoint = lightning_checkpoint_from_native(native, self.trainer, self.model,
-                                                          dm.num_iterations_per_epoch, dm.num_val_iterations_per_epoch)
+            return str(import_native_run(path, self.trainer, self.model, dm.num_iterations_per_epoch,
+                                         dm.num_val_iterations_per_epoch, self.checkpoint_dir))
         except NnUNetImportError as e:
             raise UsageError(str(e)) from None
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        target = self.checkpoint_dir / "imported_from_nnunet.ckpt"
-        atomic_save(checkpoint, target)
-        print(f"Resuming the native nnU-Net run {path} at epoch {native['current_epoch']}", flush=True)
-        return str(target)
 
     def load_weights_for_validation(self) -> str:
-        name = "best.ckpt" if self.config.get("val_best") else LAST_CHECKPOINT
-        path = self.checkpoint_dir / name
-        if not path.is_file():
-            raise UsageError(f"--validate_only needs {path}, which does not exist; train this fold first "
-                             f"(or drop --val_best to use {LAST_CHECKPOINT}).")
+        try:
+            path = validation_checkpoint(self.checkpoint_dir, bool(self.config.get("val_best")))
+        except ResumeError as e:
+            raise UsageError(str(e)) from None
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         self.model.load_state_dict(drop_compiled_duplicates(state), strict=True)
         return f"checkpoint {path}"

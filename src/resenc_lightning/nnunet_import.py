@@ -14,6 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from resenc_lightning.atomic import atomic_save
+
 SKIP_IN_PRETRAINED = (".seg_layers.",)
 
 
@@ -163,3 +165,15 @@ def _lightning_version() -> str:
     import lightning
 
     return lightning.__version__
+
+
+def import_native_run(path: str | Path, trainer, model, num_iterations: int, num_val_iterations: int,
+                      checkpoint_dir: Path) -> Path:
+    """--resume_from_nnunet: the native run as `checkpoint_dir/imported_from_nnunet.ckpt`, which the fit resumes from."""
+    native = load_native_checkpoint(path, "--resume_from_nnunet")
+    checkpoint = lightning_checkpoint_from_native(native, trainer, model, num_iterations, num_val_iterations)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    target = checkpoint_dir / "imported_from_nnunet.ckpt"
+    atomic_save(checkpoint, target)
+    print(f"Resuming the native nnU-Net run {path} at epoch {native['current_epoch']}", flush=True)
+    return target

@@ -24,6 +24,7 @@ from resenc_lightning.atomic import remove_stale_temporaries
 from resenc_lightning.plans import RunSpec
 
 LAST_CHECKPOINT = "last.ckpt"
+BEST_CHECKPOINT = "best.ckpt"
 
 
 class CheckpointError(ValueError):
@@ -136,3 +137,12 @@ def resume_checkpoint(checkpoint_dir: Path, output_folder: Path, spec: RunSpec, 
         raise ResumeError(f"--resume checkpoint {chosen.path} was {mismatch}; resume with the same "
                           f"--dataset/--plans/--configuration/--fold or start a new run in another folder.")
     return str(chosen.path)
+
+
+def validation_checkpoint(checkpoint_dir: Path, best: bool) -> Path:
+    """--validate_only's checkpoint: the fold's last.ckpt, or best.ckpt with --val_best (nnU-Net's --val_best)."""
+    path = checkpoint_dir / (BEST_CHECKPOINT if best else LAST_CHECKPOINT)
+    if not path.is_file():
+        raise ResumeError(f"--validate_only needs {path}, which does not exist; train this fold first "
+                          f"(or drop --val_best to use {LAST_CHECKPOINT}).")
+    return path
