@@ -34,6 +34,7 @@ from resenc_lightning.callbacks.nnunet_export import NnUNetExport
 from resenc_lightning.callbacks.rng_state import RNGStateCheckpoint
 from resenc_lightning.data import NnUNetDataModule
 from resenc_lightning.fault_hooks import PauseAt
+from resenc_lightning.loggers import build_fold_loggers, defer_fold_loggers
 from resenc_lightning.module import ResEncUNetModule, drop_compiled_duplicates
 from resenc_lightning.plans import RunSpec, RunSpecError
 from resenc_lightning.resume import CheckpointError, CheckpointInfo, choose_resume_checkpoint, read_checkpoint_info
@@ -63,6 +64,7 @@ class UsageError(SystemExit):
 class ResEncLightningCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.resume = False
+        self.fold_loggers: list[tuple[int, Any]] = []
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -142,6 +144,7 @@ class ResEncLightningCLI(LightningCLI):
         self.resume = bool(cfg.get("resume"))
         if cfg.trainer.max_epochs is None:
             cfg.trainer.max_epochs = demo.DEMO_EPOCHS if cfg.get("dataset") is None else 1000
+        self.fold_loggers = defer_fold_loggers(cfg.trainer)  # W&B/MLflow without save_dir: built in the fold folder
 
     def instantiate_classes(self) -> None:
         try:
@@ -154,6 +157,7 @@ class ResEncLightningCLI(LightningCLI):
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         config["default_root_dir"] = config.get("default_root_dir") or str(out)
+        config["logger"] = build_fold_loggers(config.get("logger"), self.fold_loggers, out)
         if config.get("logger") in (None, True):
             config["logger"] = CSVLogger(save_dir=str(out), name="logs")
         on_cuda = _uses_cuda(config.get("accelerator"))
