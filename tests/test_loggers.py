@@ -77,9 +77,9 @@ def mlflow_local(monkeypatch, tmp_path):
     mlflow.set_tracking_uri(None)
 
 
-def test_wandb_offline_config_logs_every_epoch_in_the_fold_folder(tiny_dataset, results_dir, wandb_offline, tmp_path):
-    out = main(tiny_args(results_dir, "--config", str(REPO / "configs" / "logger_wandb.yaml"),
-                         "--final_validation", "false"))
+def test_wandb_offline_logs_every_epoch_in_the_fold_folder(tiny_dataset, results_dir, wandb_offline, tmp_path):
+    out = main(tiny_args(results_dir, "--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
+                         "--trainer.logger.offline", "true", "--final_validation", "false"))
     wandb_offline.finish()  # what the end of `python train.py` does (atexit): flush the run to disk
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, f"expected one offline run under {out / 'wandb'}, found {runs}"
@@ -92,9 +92,10 @@ def test_wandb_offline_config_logs_every_epoch_in_the_fold_folder(tiny_dataset, 
     assert all("lr" in r and "mean_fg_dice" in r and any(k.startswith("dice/") for k in r) for r in rows)
 
 
-def test_mlflow_file_store_logs_every_epoch_in_the_fold_folder(tiny_dataset, results_dir, mlflow_local, tmp_path):
-    out = main(tiny_args(results_dir, "--trainer.logger", "lightning.pytorch.loggers.MLFlowLogger",
-                         "--trainer.logger.experiment_name", "tiny", "--final_validation", "false"))
+def test_mlflow_config_logs_every_epoch_to_a_file_store_in_the_fold_folder(tiny_dataset, results_dir, mlflow_local,
+                                                                             tmp_path):
+    out = main(tiny_args(results_dir, "--config", str(REPO / "configs" / "logger_mlflow.yaml"),
+                         "--final_validation", "false"))
     assert not (tmp_path / "mlruns").exists(), "MLflow wrote into the current directory instead of the fold folder"
     runs = [p.parent for p in (out / "mlruns").glob("*/*/meta.yaml")]
     assert len(runs) == 1, f"expected one MLflow run under {out / 'mlruns'}, found {runs}"
@@ -121,7 +122,7 @@ def test_logger_placement_keeps_given_save_dirs_order_and_csv_default(tiny_datas
         "  - class_path: lightning.pytorch.loggers.WandbLogger\n    init_args: {offline: true}\n"
         f"  - class_path: lightning.pytorch.loggers.MLFlowLogger\n    init_args: {{save_dir: {tmp_path / 'ml'}}}\n"
     )
-    cli = build_cli(tiny_args(results_dir, "--config", str(config)))
+    cli = build_cli(tiny_args(results_dir, "--config", str(config)))  # flags and YAML mixed, as users do
     csv, wb, ml = cli.trainer.loggers
     assert isinstance(csv, CSVLogger) and csv.save_dir == str(tmp_path / "csv")
     assert isinstance(wb, WandbLogger) and wb.save_dir == str(cli.output_folder)
@@ -136,3 +137,16 @@ def test_logger_placement_keeps_given_save_dirs_order_and_csv_default(tiny_datas
     cli = build_cli(tiny_args(results_dir))
     (csv,) = cli.trainer.loggers
     assert isinstance(csv, CSVLogger) and Path(csv.log_dir).parent == cli.output_folder / "logs"
+
+
+@pytest.mark.parametrize("name, logger", [("logger_wandb", "WandbLogger"), ("logger_mlflow", "MLFlowLogger")])
+def test_logger_configs_combine_with_a_plans_config(name, logger, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_cli(["--config", str(REPO / "configs" / "resenc_l.yaml"), "--config", str(REPO / "configs" / f"{name}.yaml"),
+                   "--print_config"])
+    assert e.value.code == 0
+    import yaml
+
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["logger"]["class_path"].endswith(logger)
+    assert printed["trainer"]["max_epochs"] == 1000 and printed["data"]["num_iterations_per_epoch"] == 250
