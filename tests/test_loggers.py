@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_args
 
 from resenc_lightning.cli import build_cli, main
@@ -90,6 +91,8 @@ def test_wandb_offline_logs_every_epoch_in_the_fold_folder(tiny_dataset, results
     for key in EPOCH_KEYS:
         assert [r[key] for r in rows] == pytest.approx(expected[key], rel=1e-6), key
     assert all("lr" in r and "mean_fg_dice" in r and any(k.startswith("dice/") for k in r) for r in rows)
+    saved = yaml.safe_load((out / "config.yaml").read_text())  # Lightning saves it in the logger's save_dir
+    assert saved["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger", "rerun would lose W&B"
 
 
 def test_mlflow_config_logs_every_epoch_to_a_file_store_in_the_fold_folder(tiny_dataset, results_dir, mlflow_local,
@@ -106,6 +109,8 @@ def test_mlflow_config_logs_every_epoch_to_a_file_store_in_the_fold_folder(tiny_
         values = [float(line.split()[1]) for line in lines if line.strip()]
         assert values == pytest.approx(expected[key], rel=1e-6), key
     assert (runs[0] / "metrics" / "lr").is_file() and (runs[0] / "metrics" / "dice").is_dir()
+    saved = yaml.safe_load((out / "mlruns" / "config.yaml").read_text())
+    assert saved["trainer"]["logger"]["init_args"]["experiment_name"] == "resenc-lightning"
 
 
 def test_logger_placement_keeps_given_save_dirs_order_and_csv_default(tiny_dataset, results_dir, tmp_path, monkeypatch):
@@ -145,8 +150,6 @@ def test_logger_configs_combine_with_a_plans_config(name, logger, capsys):
         build_cli(["--config", str(REPO / "configs" / "resenc_l.yaml"), "--config", str(REPO / "configs" / f"{name}.yaml"),
                    "--print_config"])
     assert e.value.code == 0
-    import yaml
-
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["logger"]["class_path"].endswith(logger)
     assert printed["trainer"]["max_epochs"] == 1000 and printed["data"]["num_iterations_per_epoch"] == 250

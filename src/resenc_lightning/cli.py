@@ -65,6 +65,7 @@ class ResEncLightningCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.resume = False
         self.fold_loggers: list[tuple[int, Any]] = []
+        self.logger_config: Any = None
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -144,6 +145,7 @@ class ResEncLightningCLI(LightningCLI):
         self.resume = bool(cfg.get("resume"))
         if cfg.trainer.max_epochs is None:
             cfg.trainer.max_epochs = demo.DEMO_EPOCHS if cfg.get("dataset") is None else 1000
+        self.logger_config = cfg.trainer.get("logger")  # as given, for the saved config.yaml
         self.fold_loggers = defer_fold_loggers(cfg.trainer)  # W&B/MLflow without save_dir: built in the fold folder
 
     def instantiate_classes(self) -> None:
@@ -158,6 +160,8 @@ class ResEncLightningCLI(LightningCLI):
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         config["default_root_dir"] = config.get("default_root_dir") or str(out)
         config["logger"] = build_fold_loggers(config.get("logger"), self.fold_loggers, out)
+        if self.fold_loggers:
+            self._get(self.config, "trainer").logger = self.logger_config
         if config.get("logger") in (None, True):
             config["logger"] = CSVLogger(save_dir=str(out), name="logs")
         on_cuda = _uses_cuda(config.get("accelerator"))
