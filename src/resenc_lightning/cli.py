@@ -33,6 +33,7 @@ from resenc_lightning.callbacks.nnunet_export import NnUNetExport
 from resenc_lightning.callbacks.rng_state import RNGStateCheckpoint
 from resenc_lightning.data import NnUNetDataModule
 from resenc_lightning.fault_hooks import PauseAt
+from resenc_lightning.loggers import build_fold_loggers, defer_fold_loggers
 from resenc_lightning.module import ResEncUNetModule, drop_compiled_duplicates
 from resenc_lightning.plans import RunSpec, RunSpecError
 from resenc_lightning.resume import LAST_CHECKPOINT, ResumeError, resume_checkpoint, validation_checkpoint
@@ -61,6 +62,8 @@ class UsageError(SystemExit):
 class ResEncLightningCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.resume = False
+        self.fold_loggers: list[tuple[int, Any]] = []
+        self.logger_config: Any = None
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -142,6 +145,8 @@ class ResEncLightningCLI(LightningCLI):
             resolve_demo(cfg)
         elif cfg.trainer.max_epochs is None:
             cfg.trainer.max_epochs = 1000
+        self.logger_config = cfg.trainer.get("logger")  # as given, for the saved config.yaml
+        self.fold_loggers = defer_fold_loggers(cfg.trainer)  # W&B/MLflow without save_dir: built in the fold folder
 
     def instantiate_classes(self) -> None:
         try:
@@ -154,6 +159,9 @@ class ResEncLightningCLI(LightningCLI):
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         config["default_root_dir"] = config.get("default_root_dir") or str(out)
+        config["logger"] = build_fold_loggers(config.get("logger"), self.fold_loggers, out)
+        if self.fold_loggers:
+            self._get(self.config, "trainer").logger = self.logger_config
         if config.get("logger") in (None, True):
             config["logger"] = CSVLogger(save_dir=str(out), name="logs")
         on_cuda = _uses_cuda(config.get("accelerator"))
