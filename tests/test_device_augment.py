@@ -255,6 +255,22 @@ def test_dummy_2d_pipeline_equals_the_library(datamodule, raw_batches):
         assert_batch_parity(pipeline, crop, 300 + s)
 
 
+@pytest.mark.parametrize("ignore_label", [None, 2])
+def test_regions_and_ignore_label_pipeline_equals_the_library(datamodule, raw_batches, ignore_label):
+    """nnU-Net's region branch (and the ignore label converted with the regions) on real batches, exactly."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    view = recipe.trainer_view(datamodule.spec)
+    aug = recipe.augmentation_params(view)
+    pipeline = nnUNetTrainer.get_training_transforms(
+        view.configuration_manager.patch_size, aug.rotation_for_da, recipe.deep_supervision_scales(view),
+        aug.mirror_axes, False, use_mask_for_norm=None, is_cascaded=False, foreground_labels=[1, 2],
+        regions=[(1, 2), (1,)], ignore_label=ignore_label)
+    assert type(leaves(pipeline)[-2]) is ConvertSegmentationToRegionsTransform
+    for s, batch in enumerate(raw_batches):
+        assert_batch_parity(pipeline, batch, 500 + s)
+
+
 def test_2d_configuration_pipeline_equals_the_library(tiny_dataset):
     dm = NnUNetDataModule(plans=TINY_PLANS, dataset=str(TINY_ID), configuration="2d", fold="0",
                           augment_on_device=True, num_workers=0)
