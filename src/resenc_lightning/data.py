@@ -14,7 +14,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-import torch.distributed as dist
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from lightning.pytorch.utilities import rank_zero_warn
@@ -26,7 +25,7 @@ from resenc_lightning.data_checks import check_network_class, check_preprocessed
 from resenc_lightning.device_augment import DeviceAugmentation, device_seed
 from resenc_lightning.orphans import die_with_parent
 from resenc_lightning.plans import RunSpec, RunSpecError, resolve_run
-from resenc_lightning.rng import collect_rng_states, run_seed, set_rng_states
+from resenc_lightning.rng import collect_rng_states, gather_per_rank, run_seed, set_rng_states, world_and_rank
 
 #: nnU-Net's schedule (nnUNetTrainer.__init__).
 NNUNET_TRAIN_ITERATIONS = 250
@@ -239,19 +238,13 @@ class NnUNetDataModule(pl.LightningDataModule):
         """The device augmentation's random stream, every rank's (empty, so not saved, with the switch off)."""
         if self.device_augmentation is None:
             return {}
-        state = self.device_augmentation.state_dict()
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return {"device_augmentation": [state]}
-        # every rank dumps the checkpoint (rank 0 writes it), so every rank reaches this collective
-        per_rank: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, state)
-        return {"device_augmentation": per_rank}
+        return {"device_augmentation": gather_per_rank(self.device_augmentation.state_dict())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         per_rank = state_dict.get("device_augmentation")
         if self.device_augmentation is None or not per_rank:
             return
-        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+        world, rank = world_and_rank()
         if len(per_rank) == world:
             self.device_augmentation.load_state_dict(per_rank[rank])
         else:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 def collect_rng_states() -> dict[str, Any]:
@@ -57,3 +58,21 @@ def seed_rank_streams(rank: int) -> None:
 def _python_state_to_plain(state: tuple) -> list:
     version, internal, gauss = state
     return [version, list(internal), gauss]
+
+
+def world_and_rank() -> tuple[int, int]:
+    """(world size, rank) under torch.distributed, else (1, 0)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def gather_per_rank(state: Any) -> list[Any]:
+    """Every rank's `state`, in rank order ([state] in a single process). Checkpoint state hooks run on every rank
+    (only rank 0 writes the file), so every rank reaches this collective."""
+    world, _ = world_and_rank()
+    if world == 1:
+        return [state]
+    per_rank: list[Any] = [None] * world
+    dist.all_gather_object(per_rank, state)
+    return per_rank

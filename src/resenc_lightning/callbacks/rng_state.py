@@ -15,10 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
-from resenc_lightning.rng import collect_rng_states, seed_rank_streams, set_rng_states
+from resenc_lightning.rng import collect_rng_states, gather_per_rank, seed_rank_streams, set_rng_states, world_and_rank
 
 
 class RNGStateCheckpoint(pl.Callback):
@@ -30,16 +29,13 @@ class RNGStateCheckpoint(pl.Callback):
             seed_rank_streams(trainer.global_rank)
 
     def state_dict(self) -> dict[str, Any]:
-        state = collect_rng_states()
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return {"rng_states": state}
-        # Every rank dumps the checkpoint (only rank 0 writes it), so this collective is reached by all ranks.
-        per_rank: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, state)
+        per_rank = gather_per_rank(collect_rng_states())
+        if len(per_rank) == 1:
+            return {"rng_states": per_rank[0]}
         return {"rng_states": per_rank[0], "rng_states_per_rank": per_rank}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+        world, rank = world_and_rank()
         per_rank = state_dict.get("rng_states_per_rank")
         if per_rank is not None and len(per_rank) == world:
             set_rng_states(per_rank[rank])
