@@ -50,7 +50,6 @@ def run_final_validation(network: torch.nn.Module, spec: RunSpec, device: torch.
     view.output_folder = str(folder)
     view.output_folder_base = str(folder.parent)
     view.batch_size = batch_size
-    view.is_cascaded = False
     view.local_rank = dist.get_rank() if view.is_ddp else 0
     view.inference_allowed_mirroring_axes = tuple(mirror_axes)
     view.dataset_class = infer_dataset_class(str(spec.preprocessed_data_folder))

@@ -1,0 +1,140 @@
+"""nnU-Net's cascade on our folds: 3d_lowres -> 3d_cascade_fullres, and --fold all.
+
+The dataset is planned by nnunetv2's ResEnc L planner with a tiny GPU memory target (its -gpu_memory_target), so
+the patch is small relative to the cases and the planner itself emits 3d_lowres (with next_stage) and
+3d_cascade_fullres (previous_stage); nnunetv2 preprocesses 3d_fullres and 3d_lowres. The network is then shrunk as
+in conftest (plans copy), the patch and batch stay the planner's.
+
+3d_lowres trains `--fold all` (train = validation = every case, nnU-Net's do_split), so its final validation
+exports every case's next-stage segmentation in one run; the cascade then trains fold 0 on them and both are
+predicted with nnUNetv2_predict (-prev_stage_predictions for the cascade).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SOURCE_PLANS
+from test_workflow import BIN, TRAINER, nnunet
+
+from resenc_lightning import demo
+from resenc_lightning.cli import UsageError, main
+
+CASCADE_ID = 556
+CASCADE_NAME = f"Dataset{CASCADE_ID}_TinyCascade"
+CASCADE_PLANS = "nnUNetResEncUNetLPlans_tinycascade"
+#: The planner's -gpu_memory_target that makes its patch < 25% of these cases (its 3d_lowres threshold).
+GPU_MEMORY_TARGET_GB = 0.03
+N_CASES = 6
+
+
+def run_args(results: Path, configuration: str, fold: str, *extra: str) -> list[str]:
+    """One short epoch (2 iterations) and the final validation."""
+    return ["--plans", CASCADE_PLANS, "--dataset", str(CASCADE_ID), "--configuration", configuration, "--fold", fold,
+            "--data.results_dir", str(results), "--data.num_iterations_per_epoch", "2",
+            "--data.num_val_iterations_per_epoch", "1", "--trainer.max_epochs", "1",
+            "--trainer.enable_model_summary", "false", "--trainer.enable_progress_bar", "false",
+            "--nnunet_export.plot_progress", "false", "--seed_everything", "123", *extra]
+
+
+def model_folder(results: Path, configuration: str) -> Path:
+    return results / CASCADE_NAME / f"{TRAINER}__{CASCADE_PLANS}__{configuration}"
+
+
+@pytest.fixture(scope="module")
+def cascade_dataset(nnunet_env) -> Path:
+    folder = demo.build_dataset(CASCADE_ID, CASCADE_NAME, SOURCE_PLANS, n_cases=N_CASES, shape_range=(40, 48),
+                                extra_configuration=False, gpu_memory_target_in_gb=GPU_MEMORY_TARGET_GB)
+    demo.preprocess_configuration(CASCADE_ID, SOURCE_PLANS, "3d_lowres", num_processes=2)
+    plans = json.loads((folder / f"{SOURCE_PLANS}.json").read_text())
+    configurations = plans["configurations"]
+    assert configurations["3d_lowres"]["next_stage"] == "3d_cascade_fullres"
+    assert configurations["3d_cascade_fullres"] == {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    tiny = demo.derive_plans(plans, CASCADE_PLANS, feature_divisor=8, blocks_per_stage=1)
+    (folder / f"{CASCADE_PLANS}.json").write_text(json.dumps(tiny, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lowres_all(cascade_dataset, tmp_path_factory) -> Path:
+    """3d_lowres trained on --fold all; its final validation exports the next stage."""
+    results = tmp_path_factory.mktemp("cascade") / "results"
+    main(run_args(results, "3d_lowres", "all"))
+    return results
+
+
+@pytest.fixture(scope="module")
+def cascade_fold0(lowres_all) -> Path:
+    main(run_args(lowres_all, "3d_cascade_fullres", "0"))
+    return lowres_all
+
+
+def test_cascade_without_lowres_predictions_is_refused(cascade_dataset, tmp_path):
+    with pytest.raises(UsageError) as e:
+        main(run_args(tmp_path / "results", "3d_cascade_fullres", "0"))
+    message = str(e.value)
+    assert "\n" not in message
+    assert "needs the 3d_lowres prediction of every case" in message and f"{N_CASES} of {N_CASES} are" in message
+    assert (f"python train.py --plans {CASCADE_PLANS} --dataset {CASCADE_ID} --configuration 3d_lowres --fold F"
+            in message)
+
+
+def test_lowres_fold_all_validates_every_case_and_exports_the_next_stage(cascade_dataset, lowres_all):
+    cases = sorted(p.stem for p in (cascade_dataset / "nnUNetPlans_3d_fullres").glob("*.pkl"))
+    assert len(cases) == N_CASES
+    fold_all = model_folder(lowres_all, "3d_lowres") / "fold_all"
+    summary = json.loads((fold_all / "validation" / "summary.json").read_text())
+    # nnU-Net's fold 'all': training cases = validation cases = every case
+    assert sorted(Path(c["prediction_file"]).name[:-len(".nii.gz")] for c in summary["metric_per_case"]) == cases
+    weights = torch.load(fold_all / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    next_stage = model_folder(lowres_all, "3d_lowres") / "predicted_next_stage" / "3d_cascade_fullres"
+    assert sorted(p.name[:-len(".b2nd")] for p in next_stage.glob("*.b2nd")) == cases
+    # at the cascade's (3d_fullres) resolution, as nnU-Net's resample_and_save writes them
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    data, _, seg_prev, _ = nnUNetDatasetBlosc2(str(cascade_dataset / "nnUNetPlans_3d_fullres"), [cases[0]],
+                                               folder_with_segs_from_previous_stage=str(next_stage)).load_case(cases[0])
+    assert seg_prev.shape[-3:] == data.shape[1:]
+
+
+def test_cascade_trains_validates_and_predicts_with_lowres_predictions(cascade_dataset, cascade_fold0, nnunet_env,
+                                                                      tmp_path):
+    results = cascade_fold0
+    fold0 = model_folder(results, "3d_cascade_fullres") / "fold_0"
+    weights = torch.load(fold0 / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    first_conv = next(v for k, v in weights.items() if k.endswith("weight") and v.ndim == 5)
+    assert first_conv.shape[1] == 1 + 2  # the image + one-hot lowres segmentation (2 foreground labels)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    summary = json.loads((fold0 / "validation" / "summary.json").read_text())
+    splits = json.loads((cascade_dataset / "splits_final.json").read_text())
+    assert len(summary["metric_per_case"]) == len(splits[0]["val"])
+
+    raw_in = tmp_path / "in"
+    raw_in.mkdir()
+    for image in sorted((nnunet_env["nnUNet_raw"] / CASCADE_NAME / "imagesTr").glob("*.nii.gz"))[:2]:
+        shutil.copy(image, raw_in / image.name)
+    env = {**os.environ, "nnUNet_results": str(results), "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "0"}
+    lowres, cascade = tmp_path / "lowres", tmp_path / "cascade"
+    nnunet(f"nnUNetv2_predict -d {CASCADE_ID} -i {raw_in} -o {lowres} -f all -tr {TRAINER} -c 3d_lowres "
+           f"-p {CASCADE_PLANS}", env)
+    nnunet(f"nnUNetv2_predict -d {CASCADE_ID} -i {raw_in} -o {cascade} -f 0 -tr {TRAINER} -c 3d_cascade_fullres "
+           f"-p {CASCADE_PLANS} -prev_stage_predictions {lowres}", env)
+    names = {p.name[:-len("_0000.nii.gz")] + ".nii.gz" for p in raw_in.iterdir()}
+    assert {p.name for p in lowres.glob("*.nii.gz")} == names
+    assert {p.name for p in cascade.glob("*.nii.gz")} == names
+
+
+def test_find_best_configuration_with_a_fold_missing_stops_with_nnunets_message(cascade_fold0):
+    env = {**os.environ, "nnUNet_results": str(cascade_fold0), "nnUNet_def_n_proc": "1"}
+    done = subprocess.run([str(BIN / "nnUNetv2_find_best_configuration"), str(CASCADE_ID), "-c", "3d_cascade_fullres",
+                           "-p", CASCADE_PLANS, "-tr", TRAINER, "-np", "1"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode != 0
+    assert "fold 1 of model" in done.stderr and "is missing. Please train it!" in done.stderr
