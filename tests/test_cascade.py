@@ -1,9 +1,10 @@
 """nnU-Net's cascade on our folds: 3d_lowres -> 3d_cascade_fullres, and --fold all.
 
-The dataset is planned by nnunetv2's ResEnc L planner with a tiny GPU memory target (its -gpu_memory_target), so
-the patch is small relative to the cases and the planner itself emits 3d_lowres (with next_stage) and
-3d_cascade_fullres (previous_stage); nnunetv2 preprocesses 3d_fullres and 3d_lowres. The network is then shrunk as
-in conftest (plans copy), the patch and batch stay the planner's.
+The tiny dataset's plans (conftest) get nnU-Net's own cascade entries, as its planner writes them for large cases:
+`3d_lowres` inherits 3d_fullres at 1.5x the spacing with `next_stage: 3d_cascade_fullres`, and
+`3d_cascade_fullres` is `{inherits_from: 3d_fullres, previous_stage: 3d_lowres}`; nnunetv2's preprocessor makes the
+3d_lowres data. (The ResEnc L planner itself emits these for cases of 40-48 voxels at `-gpu_memory_target 0.03`,
+but training and sliding-window validation at that size cost minutes here, so the plans are edited instead.)
 
 3d_lowres trains `--fold all` (train = validation = every case, nnU-Net's do_split), so its final validation
 exports every case's next-stage segmentation in one run; the cascade then trains fold 0 on them and both are
@@ -20,23 +21,35 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SOURCE_PLANS
+from conftest import TINY_ID, TINY_NAME, TINY_PLANS
 from test_workflow import BIN, TRAINER, nnunet
 
 from resenc_lightning import demo
 from resenc_lightning.cli import UsageError, main
 
-CASCADE_ID = 556
-CASCADE_NAME = f"Dataset{CASCADE_ID}_TinyCascade"
 CASCADE_PLANS = "nnUNetResEncUNetLPlans_tinycascade"
-#: The planner's -gpu_memory_target that makes its patch < 25% of these cases (its 3d_lowres threshold).
-GPU_MEMORY_TARGET_GB = 0.03
-N_CASES = 6
+LOWRES_FACTOR = 1.5
+N_CASES = 8
+
+
+def add_cascade(plans: dict, name: str, factor: float = LOWRES_FACTOR) -> dict:
+    """nnU-Net's 3d_lowres / 3d_cascade_fullres entries (the planner's fields) on top of the plans' 3d_fullres."""
+    plans = json.loads(json.dumps(plans))
+    plans["plans_name"] = name
+    fullres = plans["configurations"]["3d_fullres"]
+    plans["configurations"]["3d_lowres"] = {
+        "inherits_from": "3d_fullres", "data_identifier": f"{name}_3d_lowres", "batch_dice": False,
+        "spacing": [s * factor for s in fullres["spacing"]],
+        "median_image_size_in_voxels": [round(m / factor) for m in fullres["median_image_size_in_voxels"]],
+        "next_stage": "3d_cascade_fullres",
+    }
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    return plans
 
 
 def run_args(results: Path, configuration: str, fold: str, *extra: str) -> list[str]:
     """One short epoch (2 iterations) and the final validation."""
-    return ["--plans", CASCADE_PLANS, "--dataset", str(CASCADE_ID), "--configuration", configuration, "--fold", fold,
+    return ["--plans", CASCADE_PLANS, "--dataset", str(TINY_ID), "--configuration", configuration, "--fold", fold,
             "--data.results_dir", str(results), "--data.num_iterations_per_epoch", "2",
             "--data.num_val_iterations_per_epoch", "1", "--trainer.max_epochs", "1",
             "--trainer.enable_model_summary", "false", "--trainer.enable_progress_bar", "false",
@@ -44,21 +57,15 @@ def run_args(results: Path, configuration: str, fold: str, *extra: str) -> list[
 
 
 def model_folder(results: Path, configuration: str) -> Path:
-    return results / CASCADE_NAME / f"{TRAINER}__{CASCADE_PLANS}__{configuration}"
+    return results / TINY_NAME / f"{TRAINER}__{CASCADE_PLANS}__{configuration}"
 
 
 @pytest.fixture(scope="module")
-def cascade_dataset(nnunet_env) -> Path:
-    folder = demo.build_dataset(CASCADE_ID, CASCADE_NAME, SOURCE_PLANS, n_cases=N_CASES, shape_range=(40, 48),
-                                extra_configuration=False, gpu_memory_target_in_gb=GPU_MEMORY_TARGET_GB)
-    demo.preprocess_configuration(CASCADE_ID, SOURCE_PLANS, "3d_lowres", num_processes=2)
-    plans = json.loads((folder / f"{SOURCE_PLANS}.json").read_text())
-    configurations = plans["configurations"]
-    assert configurations["3d_lowres"]["next_stage"] == "3d_cascade_fullres"
-    assert configurations["3d_cascade_fullres"] == {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
-    tiny = demo.derive_plans(plans, CASCADE_PLANS, feature_divisor=8, blocks_per_stage=1)
-    (folder / f"{CASCADE_PLANS}.json").write_text(json.dumps(tiny, indent=2))
-    return folder
+def cascade_dataset(tiny_dataset) -> Path:
+    plans = json.loads((tiny_dataset / f"{TINY_PLANS}.json").read_text())
+    (tiny_dataset / f"{CASCADE_PLANS}.json").write_text(json.dumps(add_cascade(plans, CASCADE_PLANS), indent=2))
+    demo.preprocess_configuration(TINY_ID, CASCADE_PLANS, "3d_lowres", num_processes=2)
+    return tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +88,7 @@ def test_cascade_without_lowres_predictions_is_refused(cascade_dataset, tmp_path
     message = str(e.value)
     assert "\n" not in message
     assert "needs the 3d_lowres prediction of every case" in message and f"{N_CASES} of {N_CASES} are" in message
-    assert (f"python train.py --plans {CASCADE_PLANS} --dataset {CASCADE_ID} --configuration 3d_lowres --fold F"
+    assert (f"python train.py --plans {CASCADE_PLANS} --dataset {TINY_ID} --configuration 3d_lowres --fold F"
             in message)
 
 
@@ -118,13 +125,13 @@ def test_cascade_trains_validates_and_predicts_with_lowres_predictions(cascade_d
 
     raw_in = tmp_path / "in"
     raw_in.mkdir()
-    for image in sorted((nnunet_env["nnUNet_raw"] / CASCADE_NAME / "imagesTr").glob("*.nii.gz"))[:2]:
+    for image in sorted((nnunet_env["nnUNet_raw"] / TINY_NAME / "imagesTr").glob("*.nii.gz"))[:2]:
         shutil.copy(image, raw_in / image.name)
     env = {**os.environ, "nnUNet_results": str(results), "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "0"}
     lowres, cascade = tmp_path / "lowres", tmp_path / "cascade"
-    nnunet(f"nnUNetv2_predict -d {CASCADE_ID} -i {raw_in} -o {lowres} -f all -tr {TRAINER} -c 3d_lowres "
+    nnunet(f"nnUNetv2_predict -d {TINY_ID} -i {raw_in} -o {lowres} -f all -tr {TRAINER} -c 3d_lowres "
            f"-p {CASCADE_PLANS}", env)
-    nnunet(f"nnUNetv2_predict -d {CASCADE_ID} -i {raw_in} -o {cascade} -f 0 -tr {TRAINER} -c 3d_cascade_fullres "
+    nnunet(f"nnUNetv2_predict -d {TINY_ID} -i {raw_in} -o {cascade} -f 0 -tr {TRAINER} -c 3d_cascade_fullres "
            f"-p {CASCADE_PLANS} -prev_stage_predictions {lowres}", env)
     names = {p.name[:-len("_0000.nii.gz")] + ".nii.gz" for p in raw_in.iterdir()}
     assert {p.name for p in lowres.glob("*.nii.gz")} == names
@@ -133,7 +140,7 @@ def test_cascade_trains_validates_and_predicts_with_lowres_predictions(cascade_d
 
 def test_find_best_configuration_with_a_fold_missing_stops_with_nnunets_message(cascade_fold0):
     env = {**os.environ, "nnUNet_results": str(cascade_fold0), "nnUNet_def_n_proc": "1"}
-    done = subprocess.run([str(BIN / "nnUNetv2_find_best_configuration"), str(CASCADE_ID), "-c", "3d_cascade_fullres",
+    done = subprocess.run([str(BIN / "nnUNetv2_find_best_configuration"), str(TINY_ID), "-c", "3d_cascade_fullres",
                            "-p", CASCADE_PLANS, "-tr", TRAINER, "-np", "1"], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode != 0

@@ -121,13 +121,8 @@ def write_raw_dataset(raw_root: Path, dataset_name: str, n_cases: int, shape_ran
     return folder
 
 
-def plan_and_preprocess(dataset_id: int, plans: str, num_processes: int = 2,
-                        gpu_memory_target_in_gb: float | None = None) -> None:
-    """nnunetv2's own fingerprint extraction, ResEnc planning and 3d_fullres preprocessing.
-
-    `gpu_memory_target_in_gb` is the planner's `-gpu_memory_target`: a tiny one makes the patch small relative to
-    the cases, so the planner also emits 3d_lowres and 3d_cascade_fullres (tests/test_cascade.py).
-    """
+def plan_and_preprocess(dataset_id: int, plans: str, num_processes: int = 2) -> None:
+    """nnunetv2's own fingerprint extraction, ResEnc planning and 3d_fullres preprocessing."""
     import nnunetv2
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprint_dataset,
@@ -147,7 +142,7 @@ def plan_and_preprocess(dataset_id: int, plans: str, num_processes: int = 2,
         extract_fingerprint_dataset(dataset_id, DatasetFingerprintExtractor, num_processes=num_processes,
                                     check_dataset_integrity=False, clean=True, verbose=False)
         with _planner_safe_n_proc_da():
-            _, plans_id = plan_experiment_dataset(dataset_id, planner_cls, gpu_memory_target_in_gb)
+            _, plans_id = plan_experiment_dataset(dataset_id, planner_cls)
         assert plans_id == plans, (plans_id, plans)
         preprocess_configuration(dataset_id, plans, "3d_fullres", num_processes)
 
@@ -239,8 +234,7 @@ def _locked(lock_file: Path):
 
 
 def build_dataset(dataset_id: int, dataset_name: str, plans: str, n_cases: int, shape_range: tuple[int, int],
-                  seed: int = 0, num_processes: int = 2, extra_configuration: bool = True,
-                  gpu_memory_target_in_gb: float | None = None) -> Path:
+                  seed: int = 0, num_processes: int = 2, extra_configuration: bool = True) -> Path:
     """Write, fingerprint, plan and preprocess a synthetic dataset once; rebuild if a build was cut short.
 
     Needs nnUNet_raw and nnUNet_preprocessed set. Returns the preprocessed dataset folder.
@@ -258,8 +252,7 @@ def build_dataset(dataset_id: int, dataset_name: str, plans: str, n_cases: int, 
     marker = pp_folder / f".resenc_lightning_complete_{plans}"
     # the markers record what was built: other parameters (or an older format) mean rebuild, not reuse
     built = json.dumps({"version": _FORMAT_VERSION, "n_cases": n_cases, "shape_range": list(shape_range),
-                        "seed": seed, **({"gpu_memory_target_in_gb": gpu_memory_target_in_gb}
-                                         if gpu_memory_target_in_gb is not None else {})}, sort_keys=True)
+                        "seed": seed}, sort_keys=True)
     with _locked(pp_root / f".{dataset_name}.lock"):
         raw_marker = raw_root / dataset_name / ".resenc_lightning_complete"
         raw_ok = raw_marker.is_file() and raw_marker.read_text() == built
@@ -271,7 +264,7 @@ def build_dataset(dataset_id: int, dataset_name: str, plans: str, n_cases: int, 
             shutil.rmtree(pp_folder, ignore_errors=True)
             write_raw_dataset(raw_root, dataset_name, n_cases, shape_range, seed)
             raw_marker.write_text(built)
-        plan_and_preprocess(dataset_id, plans, num_processes, gpu_memory_target_in_gb)
+        plan_and_preprocess(dataset_id, plans, num_processes)
         if extra_configuration:
             add_demo_configuration(pp_folder / f"{plans}.json")
         marker.write_text(built)
