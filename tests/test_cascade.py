@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_ID, TINY_NAME, TINY_PLANS
+from test_parity import native_trainer
 from test_workflow import BIN, TRAINER, nnunet
 
-from resenc_lightning import demo
-from resenc_lightning.cli import UsageError, main
+from resenc_lightning import demo, recipe
+from resenc_lightning.cli import UsageError, build_cli, main
 
 CASCADE_PLANS = "nnUNetResEncUNetLPlans_tinycascade"
 LOWRES_FACTOR = 1.5
@@ -109,6 +110,29 @@ def test_lowres_fold_all_validates_every_case_and_exports_the_next_stage(cascade
     data, _, seg_prev, _ = nnUNetDatasetBlosc2(str(cascade_dataset / "nnUNetPlans_3d_fullres"), [cases[0]],
                                                folder_with_segs_from_previous_stage=str(next_stage)).load_case(cases[0])
     assert seg_prev.shape[-3:] == data.shape[1:]
+
+
+def test_cascade_recipe_matches_nnunet_trainer(cascade_dataset, lowres_all):
+    """Same previous-stage folder (for our trainer name), is_cascaded transforms and input channels as nnUNetTrainer."""
+    ours = build_cli(run_args(lowres_all, "3d_cascade_fullres", "0")).model
+    plans = json.loads((cascade_dataset / f"{CASCADE_PLANS}.json").read_text())
+    ref = native_trainer(cascade_dataset, "3d_cascade_fullres", plans)
+    assert ours.view.is_cascaded and ref.is_cascaded
+    folder, ref_folder = Path(ours.view.folder_with_segs_from_previous_stage), Path(ref.folder_with_segs_from_previous_stage)
+    assert folder == model_folder(lowres_all, "3d_lowres") / "predicted_next_stage" / "3d_cascade_fullres"
+    assert folder.parts[-2:] == ref_folder.parts[-2:]
+    assert folder.parts[-3].replace(TRAINER, "nnUNetTrainer") == ref_folder.parts[-3]  # nnU-Net's, our trainer name
+    a, b = ours.network.state_dict(), ref.network.state_dict()
+    assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)  # 1 + 2 input channels in both
+    aug = recipe.augmentation_params(ours.view)
+    lm = ref.label_manager
+    assert repr(recipe.training_transforms(ours.view, aug)) == repr(ref.get_training_transforms(
+        ref.configuration_manager.patch_size, aug.rotation_for_da, ref._get_deep_supervision_scales(), aug.mirror_axes,
+        aug.do_dummy_2d_data_aug, use_mask_for_norm=ref.configuration_manager.use_mask_for_norm, is_cascaded=True,
+        foreground_labels=lm.foreground_labels, regions=None, ignore_label=lm.ignore_label))
+    assert repr(recipe.validation_transforms(ours.view)) == repr(ref.get_validation_transforms(
+        ref._get_deep_supervision_scales(), is_cascaded=True, foreground_labels=lm.foreground_labels, regions=None,
+        ignore_label=lm.ignore_label))
 
 
 def test_cascade_trains_validates_and_predicts_with_lowres_predictions(cascade_dataset, cascade_fold0, nnunet_env,
