@@ -53,9 +53,10 @@ def test_configuration_not_in_plans(tiny_dataset, results_dir):
     assert "'3d_lowres' is not in" in msg and "3d_fullres" in msg and "2d" in msg
 
 
-def test_cascade_is_out_of_scope(tiny_dataset, results_dir):
+def test_cascade_absent_from_the_plans(tiny_dataset, results_dir):
+    # plans without a cascade (no 3d_lowres planned): nnU-Net's configurations listed; test_cascade.py trains one
     msg = error_of(tiny_args(results_dir, "--configuration", "3d_cascade_fullres"))
-    assert "3d_cascade_fullres is not supported" in msg
+    assert "'3d_cascade_fullres' is not in" in msg and "3d_fullres" in msg
 
 
 def test_not_preprocessed_gives_command(tiny_dataset, results_dir):

@@ -21,6 +21,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from resenc_lightning import recipe
+from resenc_lightning.cascade import check_previous_stage, previous_stage_folder
 from resenc_lightning.data_checks import check_network_class, check_preprocessed_data
 from resenc_lightning.device_augment import DeviceAugmentation, device_seed
 from resenc_lightning.orphans import die_with_parent
@@ -126,6 +127,8 @@ class NnUNetDataModule(pl.LightningDataModule):
         )
         check_network_class(self.spec)
         check_preprocessed_data(self.spec)  # seconds now instead of a crash hours into the run
+        if previous_stage_folder(self.spec) is not None:  # a cascade: its inputs include the previous stage's output
+            check_previous_stage(self.spec, sum(recipe.split(recipe.trainer_view(self.spec)), []))
         self.num_iterations_per_epoch = num_iterations_per_epoch or NNUNET_TRAIN_ITERATIONS
         self.num_val_iterations_per_epoch = num_val_iterations_per_epoch or NNUNET_VAL_ITERATIONS
         self.oversample_foreground_percent = oversample_foreground_percent
@@ -162,8 +165,10 @@ class NnUNetDataModule(pl.LightningDataModule):
         dataset_class = infer_dataset_class(str(self.spec.preprocessed_data_folder))
         folder = str(self.spec.preprocessed_data_folder)
         patch = view.configuration_manager.patch_size
+        previous_stage = view.folder_with_segs_from_previous_stage  # nnU-Net's dataset argument for the cascade
         self._dl_train = nnUNetDataLoader(
-            dataset_class(folder, self.train_keys), self.batch_size, self.aug.initial_patch_size, patch,
+            dataset_class(folder, self.train_keys, folder_with_segs_from_previous_stage=previous_stage),
+            self.batch_size, self.aug.initial_patch_size, patch,
             view.label_manager, oversample_foreground_percent=self.rank_oversample,
             probabilistic_oversampling=self.probabilistic_oversampling,
             transforms=None if self.augment_on_device else recipe.training_transforms(view, self.aug),
@@ -174,7 +179,8 @@ class NnUNetDataModule(pl.LightningDataModule):
             self.device_augmentation = DeviceAugmentation(recipe.training_transforms(view, self.aug),
                                                           seed=device_seed(base, rank))
         self._dl_val = nnUNetDataLoader(
-            dataset_class(folder, self.val_keys), self.batch_size, patch, patch, view.label_manager,
+            dataset_class(folder, self.val_keys, folder_with_segs_from_previous_stage=previous_stage),
+            self.batch_size, patch, patch, view.label_manager,
             oversample_foreground_percent=self.rank_oversample,
             probabilistic_oversampling=self.probabilistic_oversampling,
             transforms=recipe.validation_transforms(view),

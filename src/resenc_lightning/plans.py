@@ -13,13 +13,8 @@ from pathlib import Path
 
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-#: Configurations we refuse with a reason instead of training them wrongly.
-UNSUPPORTED_CONFIGURATIONS = {
-    "3d_cascade_fullres": (
-        "the cascade needs the 3d_lowres predictions as extra input channels, which resenc-lightning does not "
-        "produce yet; train 3d_fullres or 3d_lowres instead"
-    ),
-}
+#: Configurations we refuse with a reason instead of training them wrongly (none at present).
+UNSUPPORTED_CONFIGURATIONS: dict[str, str] = {}
 
 #: Keys a configuration must resolve to (after `inherits_from`) for us to build data and network.
 REQUIRED_CONFIGURATION_KEYS = ("data_identifier", "patch_size", "batch_size", "architecture", "spacing")

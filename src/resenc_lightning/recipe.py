@@ -18,6 +18,7 @@ import torch.distributed as dist
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.label_handling.label_handling import LabelManager, determine_num_input_channels
 
+from resenc_lightning.cascade import previous_stage_folder
 from resenc_lightning.plans import RunSpec
 
 
@@ -31,6 +32,7 @@ def trainer_view(
     """An object with the attributes `nnUNetTrainer`'s recipe methods read; their methods bound to it."""
     plans_manager = spec.plans_manager
     configuration_manager = plans_manager.get_configuration(spec.configuration)
+    previous_stage = previous_stage_folder(spec)  # the cascade's extra input, as nnUNetTrainer.__init__ finds it
     view = SimpleNamespace(
         plans_manager=plans_manager,
         configuration_manager=configuration_manager,
@@ -43,7 +45,8 @@ def trainer_view(
         fold=spec.fold,
         preprocessed_dataset_folder_base=str(spec.preprocessed_base),
         preprocessed_dataset_folder=str(spec.preprocessed_data_folder),
-        folder_with_segs_from_previous_stage=None,
+        is_cascaded=previous_stage is not None,
+        folder_with_segs_from_previous_stage=str(previous_stage) if previous_stage is not None else None,
         dataset_class=None,
         inference_allowed_mirroring_axes=None,
         print_to_log_file=lambda *args, **kwargs: None,
@@ -117,7 +120,7 @@ def training_transforms(view: SimpleNamespace, aug: AugmentationParams):
     cm = view.configuration_manager
     return nnUNetTrainer.get_training_transforms(
         cm.patch_size, aug.rotation_for_da, deep_supervision_scales(view), aug.mirror_axes,
-        aug.do_dummy_2d_data_aug, use_mask_for_norm=cm.use_mask_for_norm, is_cascaded=False,
+        aug.do_dummy_2d_data_aug, use_mask_for_norm=cm.use_mask_for_norm, is_cascaded=view.is_cascaded,
         foreground_labels=lm.foreground_labels, regions=lm.foreground_regions if lm.has_regions else None,
         ignore_label=lm.ignore_label,
     )
@@ -126,7 +129,7 @@ def training_transforms(view: SimpleNamespace, aug: AugmentationParams):
 def validation_transforms(view: SimpleNamespace):
     lm: LabelManager = view.label_manager
     return nnUNetTrainer.get_validation_transforms(
-        deep_supervision_scales(view), is_cascaded=False, foreground_labels=lm.foreground_labels,
+        deep_supervision_scales(view), is_cascaded=view.is_cascaded, foreground_labels=lm.foreground_labels,
         regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label,
     )
 

@@ -3,8 +3,10 @@
 `nnUNetTrainer.perform_actual_validation` is called unbound on a view of our run: nnunetv2's
 predictor (sliding window, step 0.5, Gaussian, mirroring over the allowed axes) on the fold's
 validation cases, nnunetv2's export, `compute_metrics_on_folder` -> `validation/summary.json`,
-cases split over DDP ranks like nnU-Net. Then MONAI's HD95 and normalised surface Dice per case
-and class go to `validation/summary_surface.json`.
+cases split over DDP ranks like nnU-Net. For a 3d_lowres with `next_stage` it also writes the
+cascade's inputs to `<model folder>/predicted_next_stage/<next stage>/`; a cascade reads them
+(cascade.py). Then MONAI's HD95 and normalised surface Dice per case and class go to
+`validation/summary_surface.json`.
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ def run_final_validation(network: torch.nn.Module, spec: RunSpec, device: torch.
     view.output_folder = str(folder)
     view.output_folder_base = str(folder.parent)
     view.batch_size = batch_size
-    view.is_cascaded = False
     view.local_rank = dist.get_rank() if view.is_ddp else 0
     view.inference_allowed_mirroring_axes = tuple(mirror_axes)
     view.dataset_class = infer_dataset_class(str(spec.preprocessed_data_folder))
