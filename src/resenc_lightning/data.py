@@ -14,13 +14,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch.distributed as dist
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from lightning.pytorch.utilities import rank_zero_warn
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from resenc_lightning import recipe
 from resenc_lightning.data_checks import check_network_class, check_preprocessed_data
+from resenc_lightning.device_augment import DeviceAugmentation, device_seed
 from resenc_lightning.orphans import die_with_parent
 from resenc_lightning.plans import RunSpec, resolve_run
 from resenc_lightning.rng import collect_rng_states, run_seed, set_rng_states
@@ -93,6 +96,9 @@ class NnUNetDataModule(pl.LightningDataModule):
         results_dir: where runs are written; None means $nnUNet_results.
         enable_deep_supervision: build deep-supervision targets. Not a CLI option: the CLI links it from
             `--model.enable_deep_supervision`, so one flag drives targets, network and loss (as nnU-Net's trainer).
+        augment_on_device: the CPU workers only load and crop (at the initial patch size, with nnU-Net's
+            oversampling); nnU-Net's training transforms then run on the training device before the forward pass
+            (see device_augment.py). Validation is unchanged.
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class NnUNetDataModule(pl.LightningDataModule):
         trainer_name: str = "nnUNetTrainer_Lightning",
         results_dir: str | None = None,
         enable_deep_supervision: bool = True,
+        augment_on_device: bool = False,
     ) -> None:
         super().__init__()
         self.is_demo = dataset is None
@@ -134,6 +141,8 @@ class NnUNetDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.enable_deep_supervision = enable_deep_supervision
+        self.augment_on_device = bool(augment_on_device)
+        self.device_augmentation: DeviceAugmentation | None = None
         self._train_augmenter = None
         self._val_augmenter = None
         self.batch_size: int | None = None
@@ -165,8 +174,13 @@ class NnUNetDataModule(pl.LightningDataModule):
             dataset_class(folder, self.train_keys), self.batch_size, self.aug.initial_patch_size, patch,
             view.label_manager, oversample_foreground_percent=self.rank_oversample,
             probabilistic_oversampling=self.probabilistic_oversampling,
-            transforms=recipe.training_transforms(view, self.aug),
+            transforms=None if self.augment_on_device else recipe.training_transforms(view, self.aug),
         )
+        if self.augment_on_device and self.device_augmentation is None:
+            base = self.seed if self.seed is not None else run_seed()
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            self.device_augmentation = DeviceAugmentation(recipe.training_transforms(view, self.aug),
+                                                          seed=device_seed(base, rank))
         self._dl_val = nnUNetDataLoader(
             dataset_class(folder, self.val_keys), self.batch_size, patch, patch, view.label_manager,
             oversample_foreground_percent=self.rank_oversample,
@@ -221,6 +235,35 @@ class NnUNetDataModule(pl.LightningDataModule):
         if self._val_augmenter is None:
             self._val_augmenter = self._augmenter(self._dl_val, train=False)
         return EpochBatches(self._val_augmenter, self.num_val_iterations_per_epoch)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With augment_on_device: nnU-Net's training transforms on the device, on training batches only."""
+        if self.device_augmentation is not None and self.trainer is not None and self.trainer.training:
+            return self.device_augmentation(batch)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The device augmentation's random stream, every rank's (empty, so not saved, with the switch off)."""
+        if self.device_augmentation is None:
+            return {}
+        state = self.device_augmentation.state_dict()
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return {"device_augmentation": [state]}
+        # every rank dumps the checkpoint (rank 0 writes it), so every rank reaches this collective
+        per_rank: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, state)
+        return {"device_augmentation": per_rank}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        per_rank = state_dict.get("device_augmentation")
+        if self.device_augmentation is None or not per_rank:
+            return
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+        if len(per_rank) == world:
+            self.device_augmentation.load_state_dict(per_rank[rank])
+        else:
+            rank_zero_warn(f"The checkpoint holds device-augmentation streams for {len(per_rank)} process(es), this run "
+                           f"has {world}: each rank keeps its stream seeded from (seed, rank).")
 
     def on_exception(self, exception: BaseException) -> None:
         """Lightning skips teardown when fit ends by an exception (SIGTERM stop, OOM, ...): stop the workers here."""
