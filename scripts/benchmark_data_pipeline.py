@@ -10,20 +10,24 @@ One command prints, side by side:
      (the transforms call is timed inside the loader, so both parts come from the same batches);
    - the device path's CPU part: the same loader without transforms, at the initial (pre-rotation) patch size;
 2. the device time of the transforms (the device path's augmentation on `--device` on that batch, CUDA-synchronised
-   on CUDA; on CPU with 1 thread, i.e. its per-core cost), and on CUDA the host-to-device copy of the batch;
+   on CUDA; on CPU with 1 thread, i.e. its per-core cost), and on CUDA the main process's pinning and the copy;
 3. `ratio ...` lines: CPU work left per batch = device-path CPU ms / nnU-Net CPU ms, and the transforms' speed-up.
-Each round seeds numpy/torch alike before each path, so both paths load and crop the same cases at the same spots.
+Each round seeds numpy/torch alike before each path, so both paths load and crop the same cases at the same spots
+(which path goes first alternates). Not in these per-worker figures: handing the batch to the main process (the
+device path's batch is at the initial patch size, ~4x the voxels); the training arms include it.
 
 On CUDA (`--training-arms`, default there) it then trains ResEnc L (the real plans nnunetv2's
 `nnUNetPlannerResEncL` makes for ~184^3 volumes: patch 192^3, batch 2) through `train.py`'s CLI, 2 epochs x
-`--steps` steps, each arm its own process: nnU-Net's pipeline and ours with `nnUNet_n_proc_DA=--workers` (4), and
-nnU-Net's pipeline with `--ref-workers` (12). Figures from the second epoch: median step time and data-wait fraction
-(the `EpochTiming` callback, CUDA-synchronised steps) and samples/s (train phase wall). Compile and the memory
-cap are off in every arm (the same network code in all of them; the cap would bound the device path's extra buffers).
+`--steps` (30) steps, each arm its own process: nnU-Net's pipeline and ours with `nnUNet_n_proc_DA=--workers` (4),
+and nnU-Net's pipeline with `--ref-workers` (12). Figures from the second epoch: train wall per step and samples/s
+(synchronised), the `EpochTiming` callback's median step and data-wait fraction (CUDA-synchronised steps), and the
+time blocked in next() on the CPU workers (`benchmark_vs_nnunet.TimedBatches`). Compile and the memory cap are off
+in every arm (the same network code in all of them; the cap would bound the device path's extra buffers).
 
 The dataset is `scripts/gpu_stable_epochs.py`'s (same builder and defaults), so on the GPU machine the one
-`gpu_check.sh` builds is reused (`--workdir /tmp/rl_stable_epochs`). `--smoke`: its tiny CPU variant (16^3 patch,
-2 rounds), for the tests; with `--training-arms` it also rehearses the arms on CPU (2 x 2 steps).
+`gpu_check.sh` builds is reused (`--workdir /tmp/rl_stable_epochs`); `--dataset/--plans` take an existing one.
+`--smoke`: its tiny CPU variant (16^3 patch, 2 rounds), for the tests; with `--training-arms` it also rehearses the
+arms on CPU (2 x 2 steps, 1/1/2 workers).
 
 `--train-compare --seeds 3`: the embedded demo (`train.py` without --dataset, its own budget) trained with the switch
 off and on, one seed per pair, both arms per seed; final-validation Dice per arm (mean +- sd), paired on - off
@@ -311,7 +315,7 @@ def run_arms(args: argparse.Namespace, info: dict, start: float) -> list[dict]:
     results = []
     for spec in arm_specs(args):
         left = args.deadline_s - (time.time() - start)
-        if left < 30:
+        if left < args.arm_min_s:
             results.append({**spec, "error": "skipped: deadline"})
             print(f"[{time.time() - start:5.0f}s] arm {spec['name']}: skipped (deadline)", flush=True)
             continue
@@ -447,6 +451,17 @@ def _child(argv: list[str], env: dict, timeout: float) -> dict:
     return json.loads(lines[-1][len(RESULT_TAG):])
 
 
+def _release_device_memory() -> None:
+    """The arms run in their own processes: leave them the memory the device transforms cached here."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _device_name(device) -> str:
     import torch
 
@@ -456,7 +471,7 @@ def _device_name(device) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--rounds", type=int, default=None, help="timed batches per path (cpu 6, cuda 10; smoke 2)")
+    p.add_argument("--rounds", type=int, default=None, help="timed batches per path (6; smoke 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--workdir", default="/tmp/resenc_data_pipeline", help="nnU-Net folders for the dataset and runs")
     p.add_argument("--cases", type=int, default=5, help="synthetic training cases (gpu_stable_epochs' default)")
@@ -471,7 +486,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="training steps per epoch of each arm (30; smoke 2)")
     p.add_argument("--workers", type=int, default=None, help="nnUNet_n_proc_DA of the compared arms (4; smoke 1)")
     p.add_argument("--ref-workers", type=int, default=None, help="nnUNet_n_proc_DA of nnU-Net's reference (12; smoke 2)")
-    p.add_argument("--deadline-s", type=float, default=1e9, help="start no arm after this many seconds")
+    p.add_argument("--deadline-s", type=float, default=1e9,
+                   help="every arm ends by this many seconds after the start (one that would not is not started)")
+    p.add_argument("--arm-min-s", type=float, default=None, help="an arm needs this many seconds (cuda 60, cpu 30)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (16^3 patch, 2 rounds): the tests' pipeline check")
     p.add_argument("--train-compare", action="store_true", help="demo Dice with the switch off vs on instead")
     p.add_argument("--seeds", type=int, default=3, help="--train-compare: seeds (both arms each)")
@@ -484,8 +501,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds, args.warmup, args.steps = args.rounds or 2, 1, args.steps or 2
         args.workers, args.ref_workers = args.workers or 1, args.ref_workers or 2
     args.workers, args.ref_workers = args.workers or 4, args.ref_workers or 12
-    args.rounds = args.rounds or (10 if args.device == "cuda" else 6)
+    args.rounds = args.rounds or 6
     args.steps = args.steps or 30
+    args.arm_min_s = args.arm_min_s or (60 if args.device == "cuda" else 30)
     if args.training_arms is None:
         args.training_arms = args.device == "cuda"
     return args
@@ -503,6 +521,7 @@ def main(argv: list[str] | None = None) -> str:
     start = time.time()
     info = prepare(args)
     m = measure_pipelines(info, args)
+    _release_device_memory()
     text = pipeline_report(m)
     print(text, flush=True)
     records: list[dict] = [{"kind": "pipeline", **m}]

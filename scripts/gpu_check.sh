@@ -73,7 +73,7 @@ step_datapipe() {
     [[ " $* " == *" --smoke "* ]] && dp_args="--smoke --training-arms"
     # shellcheck disable=SC2086
     timeout -k 10 $(( dp_s + 30 )) python3 scripts/benchmark_data_pipeline.py $dp_args --workdir /tmp/rl_stable_epochs \
-        --out "$OUT/datapipe" --deadline-s $(( dp_s - 60 )) ${DP_ARGS:-} 2>&1 | quiet | tee "$OUT/datapipe_log.txt"
+        --out "$OUT/datapipe" --deadline-s $(( dp_s - 20 )) ${DP_ARGS:-} 2>&1 | quiet | tee "$OUT/datapipe_log.txt"
 }
 
 # 4. the rest, if time is left
