@@ -12,9 +12,9 @@
 #      --data.augment_on_device, CPU ms per batch, device ms, ResEnc L arms 4 vs 4 vs 12 workers) -> $OUT/datapipe/;
 #   4. with what is left: the native and pressure arms -> $OUT/extra/.
 # STEPS picks and orders the steps (default "arms e2e datapipe extra"); STEPS=datapipe runs only the data-pipeline
-# benchmark (about 4 min on an H200, the dataset built first), STEPS="datapipe arms e2e" puts it first.
+# benchmark (an estimated 4-5 min on an H200, the dataset built first), STEPS="datapipe arms e2e" puts it first.
 # CPU rehearsal of step 2 (no GPU needed): python scripts/gpu_e2e.py --cpu-dry-run --out /tmp/e2e
-# CPU rehearsal of the whole script: BUDGET_S=3000 E2E_S=1500 E2E_ARGS=--cpu-dry-run bash scripts/gpu_check.sh --smoke
+# CPU rehearsal of the whole script: BUDGET_S=3000 E2E_S=1500 DP_S=600 E2E_ARGS=--cpu-dry-run bash scripts/gpu_check.sh --smoke
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
@@ -34,7 +34,7 @@ else
 fi
 quiet() { grep --line-buffered -v "it/s\]"; }
 STEPS=${STEPS:-arms e2e datapipe extra}
-DP_S=${DP_S:-240}
+DP_S=${DP_S:-300}
 reserve() {  # seconds the steps after $1 in STEPS keep for themselves (e2e: E2E_S; datapipe, extra: none)
     local after=0 seen=0 s
     for s in $STEPS; do

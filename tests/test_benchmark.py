@@ -122,7 +122,7 @@ def test_data_pipeline_smoke_prints_both_paths_the_device_time_and_ratios(tiny_d
     assert "ratio step_device_w1_vs_nnunet_w2" in proc.stdout and "goal data_wait<=5% with 1 workers" in proc.stdout
     records = [json.loads(line) for line in (out / "data_pipeline.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["pipeline", "arm", "arm", "arm"]
-    assert [(r["workers"], r["on_device"]) for r in records[1:]] == [(1, False), (1, True), (2, False)]
+    assert [(r["workers"], r["on_device"]) for r in records[1:]] == [(1, True), (2, False), (1, False)]
     assert all("error" not in r for r in records)
 
 
