@@ -88,10 +88,11 @@ step_extra() {
 
 for step in $STEPS; do
     case $step in
-        arms|e2e|datapipe|extra) "step_$step" "$@" ;;
+        arms|e2e|datapipe|extra) ;;
         *) echo "gpu_check.sh: STEPS entry '$step' is not one of arms, e2e, datapipe, extra" >&2; exit 2 ;;
     esac
 done
+for step in $STEPS; do "step_$step" "$@"; done
 echo "== [$(( $(date +%s) - T0 ))s] done"
 [[ " $STEPS " == *" arms "* ]] && { grep -h "DECISION" "$OUT/results.md" 2>/dev/null \
     || echo "DECISION: undecided (stable-epoch arms did not finish)"; }
