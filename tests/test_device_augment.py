@@ -218,3 +218,307 @@ def test_spec_and_view_constructors_agree(datamodule, pipeline):
     aug = DeviceAugmentation.from_spec(resolve_run(TINY_PLANS, str(TINY_ID), "3d_fullres", "0"), seed=1)
     assert [type(t) for t in aug.transforms.transforms] == [type(t) for t in to_device_pipeline(pipeline).transforms]
     assert tiny_args  # keep the import used by the training tests below
+
+
+# -- anisotropic (dummy 2D) and 2D pipelines ---------------------------------------------------------------------------
+
+
+def assert_batch_parity(pipeline: ComposeTransforms, batch: dict, seed: int) -> None:
+    aug = DeviceAugmentation(pipeline, seed=seed)
+    out = aug({k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
+    ref_pipeline = library_reference(pipeline)
+    seed_all(seed)
+    samples = [ref_pipeline(image=batch["data"][b].clone(), segmentation=batch["target"][b].clone())
+               for b in range(batch["data"].shape[0])]
+    assert_same(torch.stack([x["image"] for x in samples]), out["data"], f"data seed {seed}")
+    segs = [x["segmentation"] for x in samples]
+    ref = [torch.stack([x[i] for x in segs]) for i in range(len(segs[0]))] if isinstance(segs[0], list) \
+        else torch.stack(segs)
+    assert_same(ref, out["target"], f"target seed {seed}")
+
+
+def test_dummy_2d_pipeline_equals_the_library(datamodule, raw_batches):
+    """nnU-Net's anisotropic branch (Convert3DTo2D, 2D rotation over 180 degrees, low-res ignoring axis 0), exactly."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    view = recipe.trainer_view(datamodule.spec)
+    patch = (8, 16, 16)
+    pipeline = nnUNetTrainer.get_training_transforms(
+        patch, (-np.pi, np.pi), recipe.deep_supervision_scales(view), (0, 1, 2), True,
+        use_mask_for_norm=view.configuration_manager.use_mask_for_norm, is_cascaded=False,
+        foreground_labels=view.label_manager.foreground_labels, regions=None, ignore_label=None)
+    assert type(pipeline.transforms[0]).__name__ == "Convert3DTo2DTransform"
+    for s, batch in enumerate(raw_batches * 2):
+        x0 = (batch["data"].shape[2] - patch[0]) // 2  # nnU-Net's initial patch keeps axis 0 at the patch size
+        crop = dict(batch, data=batch["data"][:, :, x0:x0 + patch[0]], target=batch["target"][:, :, x0:x0 + patch[0]])
+        assert_batch_parity(pipeline, crop, 300 + s)
+
+
+def test_2d_configuration_pipeline_equals_the_library(tiny_dataset):
+    dm = NnUNetDataModule(plans=TINY_PLANS, dataset=str(TINY_ID), configuration="2d", fold="0",
+                          augment_on_device=True, num_workers=0)
+    dm.setup("fit")
+    view = recipe.trainer_view(dm.spec)
+    pipeline = recipe.training_transforms(view, recipe.augmentation_params(view))
+    seed_all(1)
+    for s in range(8):
+        batch = dm._dl_train.generate_train_batch()
+        assert batch["data"].ndim == 4
+        assert_batch_parity(pipeline, batch, 400 + s)
+
+
+# -- parameter distributions ---------------------------------------------------------------------------------------
+
+N_DRAWS = 10_000
+ALPHA = 1e-3  # fixed seed: the verdicts are reproducible; a correct sampler fails a test with probability 1e-3
+
+
+def bg_contrast_cdf(lo: float, hi: float):
+    """BGContrast((lo, hi)): with probability 1/2 uniform on (lo, 1), else uniform on (1, hi)."""
+    def cdf(x):
+        x = np.asarray(x, dtype=float)
+        return np.where(x < 1, 0.5 * np.clip((x - lo) / (1 - lo), 0, 1), 0.5 + 0.5 * np.clip((x - 1) / (hi - 1), 0, 1))
+    return cdf
+
+
+def uniform_cdf(lo: float, hi: float):
+    from scipy.stats import uniform
+
+    return uniform(lo, hi - lo).cdf
+
+
+def assert_fires(k: int, n: int, p: float, what: str) -> None:
+    from scipy.stats import binomtest
+
+    assert binomtest(k, n, p).pvalue > ALPHA, f"{what}: {k}/{n} against p={p}"
+
+
+def assert_distributed(values, cdf, what: str) -> None:
+    from scipy.stats import kstest
+
+    values = np.asarray(values, dtype=float).ravel()
+    assert len(values) > 100, what
+    assert kstest(values, cdf).pvalue > ALPHA, what
+
+
+def draw_parameters(device: ComposeTransforms, n: int) -> dict[str, list]:
+    img, seg = torch.zeros((2, 8, 8, 8)), torch.zeros((1, 8, 8, 8), dtype=torch.int16)
+    records: dict[str, list] = {}
+    seed_all(2024)
+    for _ in range(n):
+        for t in device.transforms:
+            inner = t.transform if isinstance(t, RandomTransform) else t
+            name = (type(inner).__mro__[1] if type(inner) in REWRITTEN.values() else type(inner)).__name__
+            if isinstance(t, RandomTransform):
+                name += f"(p={t.apply_probability})"
+                fired = t.get_parameters()["apply_transform"]
+                params = t.transform.get_parameters(image=img, segmentation=seg) if fired else None
+            else:
+                params = t.get_parameters(image=img, segmentation=seg)
+            records.setdefault(name, []).append(params)
+    return records
+
+
+@pytest.fixture(scope="module")
+def draws(pipeline):
+    """10,000 parameter draws of the device pipeline (nnU-Net's 3D branch) on a 2-channel sample, in pipeline order:
+    each RandomTransform's coin, then the transform's own parameters (its get_parameters, as ComposeTransforms calls
+    it). The spatial transform's angles and scales are read where it builds its affine matrix."""
+    from resenc_lightning import device_augment
+
+    spatial: list = []
+    original = device_augment.create_affine_matrix_3d
+
+    def recording(angles, scales):
+        spatial.append((list(angles), list(scales)))
+        return original(angles, scales)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(device_augment, "create_affine_matrix_3d", recording)
+        # the grid's values are not drawn: a 1-voxel base grid keeps 10,000 draws fast (the parity tests check grids)
+        mp.setattr(DeviceSpatialTransform, "_base_grid", lambda self, device: torch.zeros((1, 1, 1, 3)))
+        records = draw_parameters(to_device_pipeline(pipeline), N_DRAWS)
+    records["spatial"] = spatial
+    return records
+
+
+#: nnU-Net's get_training_transforms (nnunetv2 2.x), 3D isotropic branch: what the draws must follow.
+NNUNET_PROBABILITIES = {
+    "GaussianNoiseTransform(p=0.1)": 0.1, "GaussianBlurTransform(p=0.2)": 0.2,
+    "MultiplicativeBrightnessTransform(p=0.15)": 0.15, "ContrastTransform(p=0.15)": 0.15,
+    "SimulateLowResolutionTransform(p=0.25)": 0.25, "GammaTransform(p=0.1)": 0.1, "GammaTransform(p=0.3)": 0.3,
+}
+
+
+def test_each_transform_fires_with_nnunets_probability(draws):
+    for name, p in NNUNET_PROBABILITIES.items():
+        fired = [d is not None for d in draws[name]]
+        assert len(fired) == N_DRAWS
+        assert_fires(sum(fired), N_DRAWS, p, name)
+
+
+def test_spatial_parameters_follow_nnunets(draws, datamodule):
+    """Rotation with p 0.2 and scaling with p 0.2, independently; angles uniform on nnU-Net's +-30 degrees, each axis
+    its own; one scale for all axes, uniform on (0.7, 1.4)."""
+    spatial = draws["spatial"]
+    rotated = [a for a, _ in spatial if any(x != 0 for x in a)]
+    scaled = [s[0] for _, s in spatial if s != [1, 1, 1]]
+    both = sum(1 for a, s in spatial if any(x != 0 for x in a) and s != [1, 1, 1])
+    assert_fires(len(rotated), N_DRAWS, 0.2, "rotation")
+    assert_fires(len(scaled), N_DRAWS, 0.2, "scaling")
+    assert_fires(both, N_DRAWS, 0.04, "rotation and scaling together")
+    lo, hi = datamodule.aug.rotation_for_da
+    assert (lo, hi) == pytest.approx((-np.pi / 6, np.pi / 6))
+    angles = np.array(rotated)
+    for axis in range(3):
+        assert_distributed(angles[:, axis], uniform_cdf(lo, hi), f"angle axis {axis}")
+    assert abs(np.corrcoef(angles[:, 0], angles[:, 1])[0, 1]) < 0.1  # per axis, not one angle for all
+    assert all(s[0] == s[1] == s[2] for _, s in spatial)
+    assert_distributed(scaled, uniform_cdf(0.7, 1.4), "scale")
+
+
+def test_intensity_parameters_follow_nnunets(draws):
+    noise = [d for d in draws["GaussianNoiseTransform(p=0.1)"] if d is not None]
+    assert all(d["num_apply"] == 2 for d in noise)  # p_per_channel 1, one sigma for both channels
+    assert_distributed([d["sigmas"] for d in noise], uniform_cdf(0, 0.1), "noise")
+
+    blur = [d for d in draws["GaussianBlurTransform(p=0.2)"] if d is not None]
+    channels = np.array([d["apply_to_channel"].numpy() for d in blur])
+    for c in range(2):
+        assert_fires(int(channels[:, c].sum()), len(blur), 0.5, f"blur channel {c}")
+    sigmas = np.array([s for d in blur for s in d["sigmas"]])  # per blurred channel: one sigma per axis
+    assert sigmas.shape[1] == 3 and not np.any(sigmas[:, 0] == sigmas[:, 1])
+    assert_distributed(sigmas, uniform_cdf(0.5, 1.0), "blur sigma")
+
+    for name in ("MultiplicativeBrightnessTransform(p=0.15)", "ContrastTransform(p=0.15)"):
+        fired = [d for d in draws[name] if d is not None]
+        multipliers = np.array([d["multipliers"].numpy() for d in fired])
+        assert multipliers.shape == (len(fired), 2)  # every channel, each its own factor
+        assert not np.any(multipliers[:, 0] == multipliers[:, 1])
+        assert_distributed(multipliers, bg_contrast_cdf(0.75, 1.25), name)
+
+    lowres = [d for d in draws["SimulateLowResolutionTransform(p=0.25)"] if d is not None]
+    assert_fires(sum(len(d["apply_to_channel"]) for d in lowres), 2 * len(lowres), 0.5, "low-res channels")
+    scales = np.concatenate([d["scales"].numpy() for d in lowres if len(d["scales"])])
+    assert np.all(scales == scales[:, :1])  # one scale for all axes (none ignored in 3D)
+    assert_distributed(scales[:, 0], uniform_cdf(0.5, 1.0), "low-res scale")
+
+    for name, inverted in (("GammaTransform(p=0.1)", True), ("GammaTransform(p=0.3)", False)):
+        fired = [d for d in draws[name] if d is not None]
+        assert all(bool(d["invert_image"].all()) is inverted and bool(d["invert_image"].any()) is inverted
+                   for d in fired)
+        assert all(bool(d["retain_stats"].all()) for d in fired)
+        gammas = np.array([d["gamma"].numpy() for d in fired])
+        assert gammas.shape == (len(fired), 2)
+        assert_distributed(gammas, bg_contrast_cdf(0.7, 1.5), name)
+
+
+def test_mirroring_flips_each_allowed_axis_with_probability_one_half(draws):
+    axes = [d["axes"] for d in draws["MirrorTransform"]]
+    assert len(axes) == N_DRAWS
+    for axis in (0, 1, 2):
+        assert_fires(sum(axis in a for a in axes), N_DRAWS, 0.5, f"mirror axis {axis}")
+    assert_fires(sum(a == [0, 1, 2] for a in axes), N_DRAWS, 0.125, "all three axes together")
+
+
+def test_the_spatial_draws_are_the_librarys_for_10000_seeds(pipeline):
+    """The one rewritten sampler: on the same draws, the same affine matrix and centre as SpatialTransform."""
+    lib = copy.copy(leaves(pipeline)[0])
+    lib.patch_size, lib._grid_cache = (4, 4, 3), {}  # small grids: the draws do not depend on the patch
+    dev = DeviceSpatialTransform.from_library(lib)
+    img = torch.zeros((1, 20, 20, 20))
+    seed_all(77)
+    ref = [lib.get_parameters(image=img) for _ in range(N_DRAWS)]
+    seed_all(77)
+    out = [dev.get_parameters(image=img) for _ in range(N_DRAWS)]
+    for r, o in zip(ref, out):
+        assert r["center_location_in_pixels"] == o["center_location_in_pixels"]
+        assert (r["affine"] is None) == (o["affine"] is None)
+        if r["affine"] is not None:
+            assert np.array_equal(r["affine"], o["affine"]) and torch.equal(r["grid"], o["grid"])
+
+
+# -- the switch in training ------------------------------------------------------------------------------------------
+
+QUIET = ("--final_validation", "false", "--nnunet_export.plot_progress", "false")
+
+
+def test_the_switch_trains_on_cpu_and_checkpoints_its_stream(tiny_dataset, results_dir):
+    from resenc_lightning.cli import main
+
+    out = main(tiny_args(results_dir, "--data.augment_on_device", "true", *QUIET, epochs=2, iters=3, val_iters=2))
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6 and len(ckpt["nnunet"]["logging"]["train_losses"]) == 2
+    streams = ckpt["NnUNetDataModule"]["device_augmentation"]
+    assert len(streams) == 1 and set(streams[0]) >= {"seed", "numpy", "torch"}
+
+
+def test_validation_batches_and_the_switch_off_are_untouched(datamodule, raw_batches, tiny_dataset):
+    from types import SimpleNamespace
+
+    batch = raw_batches[0]
+    datamodule.trainer = SimpleNamespace(training=False)
+    try:
+        assert datamodule.on_after_batch_transfer(batch, 0) is batch
+        datamodule.trainer.training = True
+        out = datamodule.on_after_batch_transfer(dict(batch, data=batch["data"].clone(), target=batch["target"].clone()), 0)
+        assert tuple(out["data"].shape[2:]) == datamodule.patch_size and isinstance(out["target"], list)
+    finally:
+        datamodule.trainer = None
+    off = NnUNetDataModule(plans=TINY_PLANS, dataset=str(TINY_ID), configuration="3d_fullres", fold="0", num_workers=0)
+    off.setup("fit")
+    assert off.device_augmentation is None and off.state_dict() == {}
+    assert isinstance(off._dl_train.transforms, ComposeTransforms)
+
+
+def test_each_rank_draws_its_own_stream(tiny_dataset):
+    from types import SimpleNamespace
+
+    seeds = []
+    for rank in (0, 1):
+        dm = NnUNetDataModule(plans=TINY_PLANS, dataset=str(TINY_ID), configuration="3d_fullres", fold="0",
+                              augment_on_device=True, num_workers=0, seed=5)
+        dm.trainer = SimpleNamespace(global_rank=rank)
+        dm.setup("fit")
+        dm.trainer = None
+        seeds.append(dm.device_augmentation.stream.seed)
+    assert seeds[0] != seeds[1]
+
+
+def test_sigterm_mid_epoch_then_resume_with_the_switch_ends_bit_identical(tiny_dataset, tmp_path):
+    """As tests/test_reliability.py's test for the CPU path, with --data.augment_on_device true: the checkpoint holds
+    the augmentation's stream, so the resumed run augments the remaining batches exactly as the uninterrupted one."""
+    import os
+    import signal
+
+    import lightning.pytorch as pl
+
+    from resenc_lightning.cli import build_cli, fit
+
+    class SigtermAtStep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def args(folder, *extra):
+        return tiny_args(folder, "--seed", "5", "--deterministic", "true", "--model.num_epochs", "2",
+                         "--data.augment_on_device", "true", *QUIET, *extra, epochs=2, iters=5, val_iters=1)
+
+    reference = build_cli(args(tmp_path / "a"))
+    fit(reference, None)
+    stopped = build_cli(args(tmp_path / "b"))
+    stopped.trainer.callbacks.append(SigtermAtStep())
+    with pytest.raises(SystemExit):
+        fit(stopped, None)
+    last = stopped.checkpoint_dir / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 7
+    resumed = build_cli(args(tmp_path / "b", "--resume", "true"))
+    fit(resumed, resumed.resolve_ckpt_path())
+    a = torch.load(reference.checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(last, map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 10
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["nnunet"]["logging"]["val_losses"] == b["nnunet"]["logging"]["val_losses"]
+    sa, sb = a["NnUNetDataModule"]["device_augmentation"][0], b["NnUNetDataModule"]["device_augmentation"][0]
+    assert torch.equal(sa["torch"], sb["torch"]) and torch.equal(sa["numpy"]["keys"], sb["numpy"]["keys"])
