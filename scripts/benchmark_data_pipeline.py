@@ -453,17 +453,6 @@ def _child(argv: list[str], env: dict, timeout: float) -> dict:
     return json.loads(lines[-1][len(RESULT_TAG):])
 
 
-def _release_device_memory() -> None:
-    """The arms run in their own processes: leave them the memory the device transforms cached here."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _device_name(device) -> str:
     import torch
 
@@ -516,14 +505,20 @@ def main(argv: list[str] | None = None) -> str:
     if len(argv) == 2 and argv[0] == "_arm":
         print(RESULT_TAG + json.dumps(run_arm(json.loads(argv[1]))), flush=True)
         return ""
+    if len(argv) == 2 and argv[0] == "_pipelines":
+        spec = json.loads(argv[1])
+        print(RESULT_TAG + json.dumps(measure_pipelines(spec["info"], argparse.Namespace(**spec["args"]))), flush=True)
+        return ""
     args = parse_args(argv)
     os.environ.setdefault("nnUNet_compile", "f")
     if args.train_compare:
         return train_compare(args)
     start = time.time()
     info = prepare(args)
-    m = measure_pipelines(info, args)
-    _release_device_memory()
+    # its own process, like the arms: this one never holds the GPU (the arms would see it as another process)
+    m = _child(["_pipelines", json.dumps({"info": info, "args": vars(args)})], dict(os.environ), args.run_timeout)
+    if "error" in m:
+        raise SystemExit(f"data-pipeline measurement failed: {m['error']}")
     text = pipeline_report(m)
     print(text, flush=True)
     records: list[dict] = [{"kind": "pipeline", **m}]
