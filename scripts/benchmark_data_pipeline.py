@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 RESULT_TAG = "DATAPIPE_RESULT "
 SWITCH = "--data.augment_on_device"
+DEMO_LABELS = {"1": "sphere", "2": "ellipsoid"}  # the embedded demo's dataset.json
 
 
 def _script(name: str):
@@ -195,9 +196,11 @@ def measure_pipelines(info: dict, args: argparse.Namespace) -> dict:
         if r >= args.warmup:
             for k, v in got.items():
                 rows[k].append(v * 1000)
-    med = {k: statistics.median(v) for k, v in rows.items()}
-    med["nn_load_crop"] = statistics.median(a - b for a, b in zip(rows["nn_total"], rows["nn_transforms"]))
-    return {"median_ms": med, "per_round_ms": rows, "shapes": shapes, "device": _device_name(device),
+    # means, not medians: a batch's cost depends on which transforms fire (the spatial one, rotation or scaling with
+    # p 0.2 each per sample, is most of it), so the cost per batch in the long run is the mean over draws
+    mean = {k: statistics.fmean(v) for k, v in rows.items()}
+    mean["nn_load_crop"] = mean["nn_total"] - mean["nn_transforms"]
+    return {"mean_ms": mean, "per_round_ms": rows, "shapes": shapes, "device": _device_name(device),
             "patch_size": info["patch_size"], "batch_size": info["batch_size"],
             "initial_patch_size": list(ours.aug.initial_patch_size), "rounds": args.rounds}
 
@@ -214,12 +217,12 @@ def _cell(ms: float, device: str) -> str:
 
 def pipeline_report(m: dict) -> str:
     """The side-by-side table and the ratio lines."""
-    d = m["median_ms"]
+    d = m["mean_ms"]
     on = m["device"]
     nn_cpu, dev_cpu = d["nn_total"], d["dev_cpu"]
     lines = [
         f"## Data pipeline per batch (batch {m['batch_size']}, patch {m['patch_size']}, initial patch "
-        f"{m['initial_patch_size']}; median of {m['rounds']} rounds, same cases and crops on both paths)",
+        f"{m['initial_patch_size']}; mean of {m['rounds']} rounds, same cases and crops on both paths)",
         "",
         "| ms per batch | nnU-Net pipeline (CPU worker) | device path |",
         "|---|---|---|",
@@ -416,7 +419,22 @@ def compare_table(records: list[dict], label_names: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def tabulate_compare(args: argparse.Namespace) -> str:
+    """--train-compare --tabulate: one table from several runs' train_compare.jsonl (seeds split over runs)."""
+    bench = _script("benchmark_vs_nnunet")
+    records = [json.loads(line) for f in args.tabulate for line in Path(f).read_text().splitlines() if line.strip()]
+    records = [r for r in records if "error" not in r]  # failed runs are left out (their seed then has no pair)
+    seeds = sorted({r["seed"] for r in records})
+    text = (f"{compare_table(records, DEMO_LABELS)}\n\nembedded demo, switch off vs on, seeds {', '.join(map(str, seeds))}; "
+            f"tabulated from {len(args.tabulate)} run(s): {', '.join(args.tabulate)}")
+    print(text, flush=True)
+    bench._write(args, "train_compare", text, records)
+    return text
+
+
 def train_compare(args: argparse.Namespace) -> str:
+    if args.tabulate:
+        return tabulate_compare(args)
     bench = _script("benchmark_vs_nnunet")
     start = time.time()
     bench.set_paths(Path(args.workdir))  # the demo is built here (nnunetv2's planner), results per run below
@@ -462,7 +480,7 @@ def _device_name(device) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--rounds", type=int, default=None, help="timed batches per path (6; smoke 2)")
+    p.add_argument("--rounds", type=int, default=None, help="timed batches per path (cpu 20, cuda 12; smoke 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--workdir", default="/tmp/resenc_data_pipeline", help="nnU-Net folders for the dataset and runs")
     p.add_argument("--cases", type=int, default=5, help="synthetic training cases (gpu_stable_epochs' default)")
@@ -484,6 +502,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-compare", action="store_true", help="demo Dice with the switch off vs on instead")
     p.add_argument("--seeds", type=int, default=3, help="--train-compare: seeds (both arms each)")
     p.add_argument("--seed", type=int, default=0, help="--train-compare: first seed")
+    p.add_argument("--tabulate", nargs="+", default=None, metavar="JSONL",
+                   help="--train-compare: only the table, from earlier runs' train_compare.jsonl (paired by seed)")
     p.add_argument("--run-timeout", type=float, default=1800, help="seconds before a training run (arm, demo) is given up")
     p.add_argument("--out", default=None, help="also write the report (.md) and raw results (.jsonl) here")
     args = p.parse_args(argv)
@@ -492,7 +512,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds, args.warmup, args.steps = args.rounds or 2, 1, args.steps or 2
         args.workers, args.ref_workers = args.workers or 1, args.ref_workers or 2
     args.workers, args.ref_workers = args.workers or 4, args.ref_workers or 12
-    args.rounds = args.rounds or 6
+    args.rounds = args.rounds or (12 if args.device == "cuda" else 20)
     args.steps = args.steps or 30
     args.arm_min_s = args.arm_min_s or (60 if args.device == "cuda" else 30)
     if args.training_arms is None:

@@ -126,9 +126,9 @@ def test_data_pipeline_smoke_prints_both_paths_the_device_time_and_ratios(tiny_d
     assert all("error" not in r for r in records)
 
 
-def test_train_compare_table_pairs_the_arms_by_seed():
+def test_train_compare_table_pairs_the_arms_by_seed(tmp_path):
     """--train-compare: Dice per arm (mean ± sd over seeds) and the paired on − off difference with a verdict;
-    a seed with one arm missing (a failed run) is left out of the pairs."""
+    a seed with one arm missing (a failed run) is left out of the pairs; --tabulate joins runs split by seed."""
     spec = importlib.util.spec_from_file_location("benchmark_data_pipeline", DATA_PIPELINE)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -144,3 +144,8 @@ def test_train_compare_table_pairs_the_arms_by_seed():
     assert cells[0] == "0.703 ± 0.100" and cells[1] == "0.710 ± 0.105" and cells[2] == "0.007 ± 0.015", cells
     assert "within spread" in cells[3]
     assert "| sphere (label 1) |" in text and "3 seeds (0, 1, 2)" in text and "0.800/0.820" in text
+    parts = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    parts[0].write_text("".join(json.dumps(r) + "\n" for r in records[:4]))
+    parts[1].write_text("".join(json.dumps(r) + "\n" for r in records[4:]))
+    joined = bench.main(["--train-compare", "--tabulate", *map(str, parts), "--out", str(tmp_path / "out")])
+    assert joined.startswith(text) and (tmp_path / "out" / "train_compare.md").is_file()
