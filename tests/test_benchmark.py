@@ -108,9 +108,10 @@ def test_data_pipeline_smoke_prints_both_paths_the_device_time_and_ratios(tiny_d
     transforms_nn = float(rows["CPU: transforms (per worker)"][0])
     total_nn, total_dev = (float(c) for c in rows["CPU total per batch (per worker)"])
     device_ms = float(rows["device: transforms (cpu)"][1])
-    assert min(load_nn, load_dev, transforms_nn, device_ms) > 0 and total_nn > total_dev == load_dev
+    assert min(load_nn, load_dev, transforms_nn, device_ms) > 0 and total_dev == load_dev
+    assert abs(total_nn - load_nn - transforms_nn) < 0.2  # nnU-Net's CPU total, split in two
     ratios = {line.split()[1]: float(line.split()[2]) for line in proc.stdout.splitlines() if line.startswith("ratio ")}
-    assert abs(ratios["cpu_work_left_per_batch"] - total_dev / total_nn) < 2e-3, ratios
+    assert abs(ratios["cpu_work_left_per_batch"] / (total_dev / total_nn) - 1) < 0.02, ratios  # table rounds to 0.1 ms
     assert ratios["transforms_device_vs_cpu"] > 0
     arms = [line for line in proc.stdout.splitlines() if line.startswith("| nnU-Net's pipeline") or line.startswith(
         "| ours, transforms on the device")]
