@@ -19,6 +19,7 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
 from conftest import TINY_ID, TINY_PLANS, tiny_args
+from test_ddp import b3_plans  # noqa: F401  (fixture)
 
 from resenc_lightning import recipe
 from resenc_lightning.data import NnUNetDataModule
@@ -254,6 +255,22 @@ def test_dummy_2d_pipeline_equals_the_library(datamodule, raw_batches):
         assert_batch_parity(pipeline, crop, 300 + s)
 
 
+@pytest.mark.parametrize("ignore_label", [None, 2])
+def test_regions_and_ignore_label_pipeline_equals_the_library(datamodule, raw_batches, ignore_label):
+    """nnU-Net's region branch (and the ignore label converted with the regions) on real batches, exactly."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    view = recipe.trainer_view(datamodule.spec)
+    aug = recipe.augmentation_params(view)
+    pipeline = nnUNetTrainer.get_training_transforms(
+        view.configuration_manager.patch_size, aug.rotation_for_da, recipe.deep_supervision_scales(view),
+        aug.mirror_axes, False, use_mask_for_norm=None, is_cascaded=False, foreground_labels=[1, 2],
+        regions=[(1, 2), (1,)], ignore_label=ignore_label)
+    assert type(leaves(pipeline)[-2]) is ConvertSegmentationToRegionsTransform
+    for s, batch in enumerate(raw_batches):
+        assert_batch_parity(pipeline, batch, 500 + s)
+
+
 def test_2d_configuration_pipeline_equals_the_library(tiny_dataset):
     dm = NnUNetDataModule(plans=TINY_PLANS, dataset=str(TINY_ID), configuration="2d", fold="0",
                           augment_on_device=True, num_workers=0)
@@ -438,6 +455,69 @@ def test_the_spatial_draws_are_the_librarys_for_10000_seeds(pipeline):
             assert np.array_equal(r["affine"], o["affine"]) and torch.equal(r["grid"], o["grid"])
 
 
+# -- on a GPU (skipped without one) ----------------------------------------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda_only
+def test_on_cuda_each_transform_matches_the_cpu_path(pipeline, raw_batches):
+    """Each device transform on CUDA vs the same transform on the CPU, same seeds: images within 1e-4 (different
+    interpolation / convolution / reduction kernels), labels differing on < 0.1% of voxels (interpolation ties).
+    Gaussian noise draws its voxels from the CUDA generator: checked by its statistics instead."""
+    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+
+    cuda = torch.device("cuda")
+    dev_leaves = leaves(to_device_pipeline(pipeline))
+    forced = copy.copy(leaves(pipeline)[0])
+    forced.p_rotation = forced.p_scaling = 1.0
+    dev_leaves = [to_device_pipeline(forced), *dev_leaves]
+    seed = 0
+    for batch in raw_batches[:2]:
+        for b in range(batch["data"].shape[0]):
+            sample = {"image": batch["data"][b].clone(), "segmentation": batch["target"][b].clone()}
+            for i, t in enumerate(dev_leaves):
+                if i == 1:
+                    sample = {"image": batch["data"][b].clone(), "segmentation": batch["target"][b].clone()}
+                seed += 1
+                seed_all(seed)
+                torch.cuda.manual_seed(seed)
+                ref = t(**{k: v.clone() if torch.is_tensor(v) else v for k, v in sample.items()})
+                seed_all(seed)
+                torch.cuda.manual_seed(seed)
+                out = t(**{k: v.to(cuda) if torch.is_tensor(v) else v for k, v in sample.items()})
+                name = type(t).__name__
+                if isinstance(t, GaussianNoiseTransform):
+                    diff = out["image"].cpu() - sample["image"]
+                    assert abs(float(diff.mean())) < 0.05 and float(diff.std()) < 0.35, name
+                else:
+                    for x, y in zip(*(v if isinstance(v, list) else [v] for v in (ref["image"], out["image"]))):
+                        assert y.device.type == "cuda" and torch.allclose(x, y.cpu(), atol=1e-4), name
+                    segs = zip(*(v if isinstance(v, list) else [v] for v in (ref["segmentation"], out["segmentation"])))
+                    for x, y in segs:
+                        assert x.dtype == y.dtype and (x != y.cpu()).float().mean() < 1e-3, name
+                sample = ref
+
+
+@cuda_only
+def test_on_cuda_the_batch_is_augmented_on_the_device_and_the_globals_are_untouched(pipeline, raw_batches):
+    cuda = torch.device("cuda")
+    aug = DeviceAugmentation(pipeline, seed=1)
+    states = (torch.get_rng_state(), torch.cuda.get_rng_state(cuda), np.random.get_state()[1].copy())
+    batch = raw_batches[0]
+    out = aug({k: v.to(cuda) if torch.is_tensor(v) else v for k, v in batch.items()})
+    assert out["data"].device.type == "cuda" and all(t.device.type == "cuda" for t in out["target"])
+    assert torch.equal(states[0], torch.get_rng_state()) and torch.equal(states[1], torch.cuda.get_rng_state(cuda))
+    assert np.array_equal(states[2], np.random.get_state()[1])
+    state = aug.state_dict()
+    assert "cuda" in state
+    again = DeviceAugmentation(pipeline, seed=2)
+    again.load_state_dict(state)
+    x = aug({k: v.to(cuda) if torch.is_tensor(v) else v for k, v in batch.items()})
+    y = again({k: v.to(cuda) if torch.is_tensor(v) else v for k, v in batch.items()})
+    assert torch.allclose(x["data"], y["data"]) and torch.equal(x["target"][0], y["target"][0])
+
+
 # -- the switch in training ------------------------------------------------------------------------------------------
 
 QUIET = ("--final_validation", "false", "--nnunet_export.plot_progress", "false")
@@ -522,3 +602,34 @@ def test_sigterm_mid_epoch_then_resume_with_the_switch_ends_bit_identical(tiny_d
     assert a["nnunet"]["logging"]["val_losses"] == b["nnunet"]["logging"]["val_losses"]
     sa, sb = a["NnUNetDataModule"]["device_augmentation"][0], b["NnUNetDataModule"]["device_augmentation"][0]
     assert torch.equal(sa["torch"], sb["torch"]) and torch.equal(sa["numpy"]["keys"], sb["numpy"]["keys"])
+
+
+def test_two_process_ddp_each_rank_checkpoints_and_resumes_its_own_stream(b3_plans, pipeline, datamodule,  # noqa: F811
+                                                                           tmp_path):
+    """Under DDP (gloo, CPU) each rank's stream is seeded from (run seed, rank), every rank's stream is gathered into the
+    checkpoint, and on --resume each rank continues its own: after epoch 1 each rank's stream is exactly its epoch-0
+    stream advanced by that rank's 3 batches (the number of draws depends on shapes only, not on the data)."""
+    from test_ddp import run_ddp
+
+    from resenc_lightning.device_augment import device_seed
+
+    def streams(results_dir):
+        out = results_dir / f"Dataset{TINY_ID}_Tiny" / f"nnUNetTrainer_Lightning__{b3_plans}__3d_fullres" / "fold_0"
+        ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        return ckpt["NnUNetDataModule"]["device_augmentation"]
+
+    flags = ("--data.augment_on_device", "true", "--final_validation", "false", "--model.num_epochs", "2")
+    run_ddp(tmp_path / "r", tmp_path / "p0", *flags, epochs=1, plans=b3_plans)
+    first = streams(tmp_path / "r")
+    run_ddp(tmp_path / "r", tmp_path / "p1", *flags, "--resume", "true", epochs=2, plans=b3_plans)
+    second = streams(tmp_path / "r")
+    assert [s["seed"] for s in first] == [device_seed(123, 0), device_seed(123, 1)]  # tiny_args: --seed_everything 123
+    for rank, batch_size in ((0, 2), (1, 1)):  # nnU-Net's split of the global batch 3
+        expected = DeviceAugmentation(pipeline, seed=0)
+        expected.load_state_dict(first[rank])
+        shape = (batch_size, 1, *datamodule.aug.initial_patch_size)
+        for _ in range(3):
+            expected({"data": torch.zeros(shape), "target": torch.zeros(shape, dtype=torch.int16)})
+        state, got = expected.state_dict(), second[rank]
+        assert torch.equal(state["torch"], got["torch"]), rank
+        assert torch.equal(state["numpy"]["keys"], got["numpy"]["keys"]) and state["numpy"]["pos"] == got["numpy"]["pos"]
