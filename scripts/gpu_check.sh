@@ -8,9 +8,13 @@
 #      line (README rule: ours_on resumed/fresh > 1.02 while ours_off is stable => CudnnPinning off by default);
 #   2. end to end through train.py with every CUDA default (compile, 16-mixed, callbacks): 2 epochs -> --resume 1
 #      more -> --validate_only -> nnUNetv2_predict_from_modelfolder on 2 cases -> $OUT/e2e/ (E2E_S, default 230 s);
-#   3. with what is left: the native and pressure arms -> $OUT/extra/.
+#   3. with what is left (at least 150 s): the data-pipeline benchmark (issue 13: nnU-Net's CPU augmentation vs
+#      --data.augment_on_device, CPU ms per batch, device ms, ResEnc L arms 4 vs 4 vs 12 workers) -> $OUT/datapipe/;
+#   4. with what is left: the native and pressure arms -> $OUT/extra/.
+# STEPS picks and orders the steps (default "arms e2e datapipe extra"); STEPS=datapipe runs only the data-pipeline
+# benchmark (an estimated 4-5 min on an H200, the dataset built first), STEPS="datapipe arms e2e" puts it first.
 # CPU rehearsal of step 2 (no GPU needed): python scripts/gpu_e2e.py --cpu-dry-run --out /tmp/e2e
-# CPU rehearsal of the whole script: BUDGET_S=3000 E2E_S=1500 E2E_ARGS=--cpu-dry-run bash scripts/gpu_check.sh --smoke
+# CPU rehearsal of the whole script: BUDGET_S=3000 E2E_S=1500 DP_S=600 E2E_ARGS=--cpu-dry-run bash scripts/gpu_check.sh --smoke
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
@@ -29,27 +33,69 @@ else
     export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
 quiet() { grep --line-buffered -v "it/s\]"; }
+STEPS=${STEPS:-arms e2e datapipe extra}
+DP_S=${DP_S:-300}
+reserve() {  # seconds the steps after $1 in STEPS keep for themselves (e2e: E2E_S; datapipe, extra: none)
+    local after=0 seen=0 s
+    for s in $STEPS; do
+        (( seen )) && [[ $s == e2e ]] && after=$(( after + E2E_S ))
+        [[ $s == "$1" ]] && seen=1
+    done
+    echo "$after"
+}
 
 # 1. the decision-rule arms (they also build the dataset the e2e run uses)
-arms_s=$(( $(left) - E2E_S - 10 ))
-echo "== [$(( $(date +%s) - T0 ))s] stable-epoch arms ours_on, ours_off (deadline ${arms_s}s)"
-timeout -k 10 $(( arms_s + 60 )) python3 scripts/gpu_stable_epochs.py --out "$OUT" --arms ours_on ours_off \
-    --deadline-s "$arms_s" "$@" 2>&1 | quiet | tee "$OUT/log.txt"
+step_arms() {
+    local arms_s=$(( $(left) - $(reserve arms) - 10 ))
+    echo "== [$(( $(date +%s) - T0 ))s] stable-epoch arms ours_on, ours_off (deadline ${arms_s}s)"
+    timeout -k 10 $(( arms_s + 60 )) python3 scripts/gpu_stable_epochs.py --out "$OUT" --arms ours_on ours_off \
+        --deadline-s "$arms_s" "$@" 2>&1 | quiet | tee "$OUT/log.txt"
+}
 
 # 2. end to end through train.py, every default
-e2e_s=$(( $(left) - 5 )); (( e2e_s > E2E_S )) && e2e_s=$E2E_S
-echo "== [$(( $(date +%s) - T0 ))s] e2e train -> resume -> validate_only -> predict (budget ${e2e_s}s)"
-# shellcheck disable=SC2086
-timeout -k 10 $(( e2e_s + 20 )) python3 scripts/gpu_e2e.py --out "$OUT/e2e" --budget-s "$e2e_s" ${E2E_ARGS:-} 2>&1 | quiet \
-    | tee "$OUT/e2e_log.txt"
+step_e2e() {
+    local e2e_s=$(( $(left) - 5 )); (( e2e_s > E2E_S )) && e2e_s=$E2E_S
+    echo "== [$(( $(date +%s) - T0 ))s] e2e train -> resume -> validate_only -> predict (budget ${e2e_s}s)"
+    # shellcheck disable=SC2086
+    timeout -k 10 $(( e2e_s + 20 )) python3 scripts/gpu_e2e.py --out "$OUT/e2e" --budget-s "$e2e_s" ${E2E_ARGS:-} 2>&1 \
+        | quiet | tee "$OUT/e2e_log.txt"
+}
 
-# 3. the rest, if time is left
-rest_s=$(( $(left) - 10 ))
-if (( rest_s > 90 )); then
-    echo "== [$(( $(date +%s) - T0 ))s] native and pressure arms (deadline ${rest_s}s)"
-    timeout -k 10 $(( rest_s + 5 )) python3 scripts/gpu_stable_epochs.py --out "$OUT/extra" --arms native pressure \
-        --deadline-s "$rest_s" "$@" 2>&1 | quiet | tee "$OUT/extra_log.txt"
-fi
+# 3. the data pipeline: CPU ms per batch, device ms, ResEnc L arms (same dataset as step 1)
+step_datapipe() {
+    local dp_s=$(( $(left) - $(reserve datapipe) - 10 )); (( dp_s > DP_S )) && dp_s=$DP_S
+    if (( dp_s < 150 )); then
+        echo "== [$(( $(date +%s) - T0 ))s] data-pipeline benchmark skipped (${dp_s}s left; STEPS=datapipe runs it alone)"
+        return
+    fi
+    echo "== [$(( $(date +%s) - T0 ))s] data-pipeline benchmark (deadline ${dp_s}s)"
+    local dp_args="--device cuda"
+    [[ " $* " == *" --smoke "* ]] && dp_args="--smoke --training-arms"
+    # shellcheck disable=SC2086
+    timeout -k 10 $(( dp_s + 30 )) python3 scripts/benchmark_data_pipeline.py $dp_args --workdir /tmp/rl_stable_epochs \
+        --out "$OUT/datapipe" --deadline-s $(( dp_s - 20 )) ${DP_ARGS:-} 2>&1 | quiet | tee "$OUT/datapipe_log.txt"
+}
+
+# 4. the rest, if time is left
+step_extra() {
+    local rest_s=$(( $(left) - 10 ))
+    if (( rest_s > 90 )); then
+        echo "== [$(( $(date +%s) - T0 ))s] native and pressure arms (deadline ${rest_s}s)"
+        timeout -k 10 $(( rest_s + 5 )) python3 scripts/gpu_stable_epochs.py --out "$OUT/extra" --arms native pressure \
+            --deadline-s "$rest_s" "$@" 2>&1 | quiet | tee "$OUT/extra_log.txt"
+    fi
+}
+
+for step in $STEPS; do
+    case $step in
+        arms|e2e|datapipe|extra) ;;
+        *) echo "gpu_check.sh: STEPS entry '$step' is not one of arms, e2e, datapipe, extra" >&2; exit 2 ;;
+    esac
+done
+for step in $STEPS; do "step_$step" "$@"; done
 echo "== [$(( $(date +%s) - T0 ))s] done"
-grep -h "DECISION" "$OUT/results.md" 2>/dev/null || echo "DECISION: undecided (stable-epoch arms did not finish)"
-cat "$OUT/e2e/e2e.md" 2>/dev/null || echo "e2e: no result"
+[[ " $STEPS " == *" arms "* ]] && { grep -h "DECISION" "$OUT/results.md" 2>/dev/null \
+    || echo "DECISION: undecided (stable-epoch arms did not finish)"; }
+[[ " $STEPS " == *" e2e "* ]] && { cat "$OUT/e2e/e2e.md" 2>/dev/null || echo "e2e: no result"; }
+[[ " $STEPS " == *" datapipe "* ]] && { cat "$OUT/datapipe/data_pipeline.md" 2>/dev/null || echo "datapipe: no result"; }
+exit 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,21 @@ def test_e2e_checks_flag_compiled_wrapper_keys_and_missing_outputs(tmp_path):
     resume = e2e.check("resume", fold, tmp_path, [])
     assert any("logs 2 epochs, expected 3" in p for p in resume) and any("summary.json" in p for p in resume)
     assert e2e.check("predict", fold, tmp_path, ["case_000"]) == [f"missing {tmp_path / 'predict_out' / 'case_000.nii.gz'}"]
+
+
+def _gpu_check(tmp_path, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, "OUT": str(tmp_path / "out"), **env}
+    return subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh")], capture_output=True, text=True, env=full,
+                          timeout=120)
+
+
+def test_gpu_check_steps_are_checked_before_any_runs_and_datapipe_yields_to_the_budget(tmp_path):
+    """STEPS picks gpu_check.sh's steps: a wrong entry is refused, naming it, before a step starts; the data-pipeline
+    step is skipped with the command that runs it alone when the budget leaves it too little time."""
+    bad = _gpu_check(tmp_path, STEPS="datapipe arm")
+    assert bad.returncode == 2 and "STEPS entry 'arm' is not one of arms, e2e, datapipe, extra" in bad.stderr
+    assert "== [" not in bad.stdout
+    short = _gpu_check(tmp_path, STEPS="datapipe", BUDGET_S="100")
+    assert short.returncode == 0, short.stdout + short.stderr
+    assert "data-pipeline benchmark skipped" in short.stdout and "STEPS=datapipe runs it alone" in short.stdout
+    assert "datapipe: no result" in short.stdout and "DECISION" not in short.stdout
