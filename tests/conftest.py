@@ -71,3 +71,40 @@ def restore_cudnn_benchmark():
     before = torch.backends.cudnn.benchmark
     yield
     torch.backends.cudnn.benchmark = before
+
+
+def stop_at_step_and_resume(folder: Path, *extra: str, step: int = 7) -> tuple[dict, dict, dict, int]:
+    """The same deterministic 2-epoch x 5-step run twice: uninterrupted, and stopped by SIGTERM after `step` then
+    continued with --resume. Returns (uninterrupted last.ckpt, resumed last.ckpt, the stop checkpoint, the stopped
+    run's exit code); all three load with weights_only=True."""
+    import os
+    import signal
+
+    import lightning.pytorch as pl
+
+    from resenc_lightning.cli import build_cli, fit
+
+    class SigtermAtStep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def args(run: str, *more: str) -> list[str]:
+        return tiny_args(folder / run, "--seed", "5", "--deterministic", "true", "--model.num_epochs", "2",
+                         "--final_validation", "false", "--nnunet_export.plot_progress", "false", *extra, *more,
+                         epochs=2, iters=5, val_iters=1)
+
+    def load(path: Path) -> dict:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    reference = build_cli(args("a"))
+    fit(reference, None)
+    stopped = build_cli(args("b"))
+    stopped.trainer.callbacks.append(SigtermAtStep())
+    with pytest.raises(SystemExit) as e:
+        fit(stopped, None)
+    last = stopped.checkpoint_dir / "last.ckpt"
+    mid = load(last)
+    resumed = build_cli(args("b", "--resume", "true"))
+    fit(resumed, resumed.resolve_ckpt_path())
+    return load(reference.checkpoint_dir / "last.ckpt"), load(last), mid, e.value.code

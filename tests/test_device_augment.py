@@ -18,7 +18,7 @@ from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
-from conftest import TINY_ID, TINY_PLANS, tiny_args
+from conftest import TINY_ID, TINY_PLANS, stop_at_step_and_resume, tiny_args
 from test_ddp import b3_plans  # noqa: F401  (fixture)
 
 from resenc_lightning import recipe
@@ -568,34 +568,8 @@ def test_each_rank_draws_its_own_stream(tiny_dataset):
 def test_sigterm_mid_epoch_then_resume_with_the_switch_ends_bit_identical(tiny_dataset, tmp_path):
     """As tests/test_reliability.py's test for the CPU path, with --data.augment_on_device true: the checkpoint holds
     the augmentation's stream, so the resumed run augments the remaining batches exactly as the uninterrupted one."""
-    import os
-    import signal
-
-    import lightning.pytorch as pl
-
-    from resenc_lightning.cli import build_cli, fit
-
-    class SigtermAtStep(pl.Callback):
-        def on_train_batch_end(self, trainer, *args) -> None:
-            if trainer.global_step == 7:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    def args(folder, *extra):
-        return tiny_args(folder, "--seed", "5", "--deterministic", "true", "--model.num_epochs", "2",
-                         "--data.augment_on_device", "true", *QUIET, *extra, epochs=2, iters=5, val_iters=1)
-
-    reference = build_cli(args(tmp_path / "a"))
-    fit(reference, None)
-    stopped = build_cli(args(tmp_path / "b"))
-    stopped.trainer.callbacks.append(SigtermAtStep())
-    with pytest.raises(SystemExit):
-        fit(stopped, None)
-    last = stopped.checkpoint_dir / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 7
-    resumed = build_cli(args(tmp_path / "b", "--resume", "true"))
-    fit(resumed, resumed.resolve_ckpt_path())
-    a = torch.load(reference.checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=True)
-    b = torch.load(last, map_location="cpu", weights_only=True)
+    a, b, mid, _ = stop_at_step_and_resume(tmp_path, "--data.augment_on_device", "true", step=7)
+    assert mid["global_step"] == 7
     assert a["global_step"] == b["global_step"] == 10
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import stop_at_step_and_resume, tiny_args
 
 from resenc_lightning import atomic
 from resenc_lightning.atomic import AtomicCheckpointIO, CheckpointWriteError, atomic_save
@@ -108,33 +108,9 @@ def test_sigterm_mid_epoch_then_resume_ends_bit_identical_to_an_uninterrupted_ru
     past any batch fetched but not trained on, so the resumed run draws the batches the stopped one would have."""
     import signal
 
-    import lightning.pytorch as pl
-
-    from resenc_lightning.cli import fit
-
-    class SigtermAtStep(pl.Callback):
-        def on_train_batch_end(self, trainer, *args) -> None:
-            if trainer.global_step == 7:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    def args(folder, *extra):
-        return tiny_args(folder, "--seed", "5", "--deterministic", "true", "--model.num_epochs", "2", *QUIET, *extra,
-                         epochs=2, iters=5, val_iters=1)
-
-    reference = build_cli(args(tmp_path / "a"))
-    fit(reference, None)
-    stopped = build_cli(args(tmp_path / "b"))
-    stopped.trainer.callbacks.append(SigtermAtStep())
-    with pytest.raises(SystemExit) as e:
-        fit(stopped, None)
-    assert e.value.code == 128 + signal.SIGTERM
-    last = stopped.checkpoint_dir / "last.ckpt"
-    mid = torch.load(last, map_location="cpu", weights_only=False)
+    a, b, mid, code = stop_at_step_and_resume(tmp_path, step=7)
+    assert code == 128 + signal.SIGTERM
     assert mid["global_step"] == 7 and mid["epoch"] == 1
-    resumed = build_cli(args(tmp_path / "b", "--resume", "true"))
-    fit(resumed, resumed.resolve_ckpt_path())
-    a = torch.load(reference.checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(last, map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] == 10
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
