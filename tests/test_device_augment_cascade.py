@@ -144,3 +144,65 @@ def test_the_cascade_trains_with_the_switch(cascade_results):
     first_conv = next(v for k, v in ckpt["state_dict"].items() if k.endswith("weight") and v.ndim == 5)
     assert first_conv.shape[1] == 1 + 2  # the image + the one-hot previous stage (2 foreground labels)
     assert len(ckpt["NnUNetDataModule"]["device_augmentation"]) == 1
+
+
+def test_the_shuffled_channel_order_is_part_of_the_checkpointed_stream(cascade_datamodule, cascade_batches):
+    """The cascade's binary operator and component removal shuffle their channel list in place on every call (the
+    library's `np.random.shuffle(self.channel_idx)`); a run restored from a state continues exactly as the original."""
+    pipeline = cascade_pipeline(cascade_datamodule)
+    a = DeviceAugmentation(pipeline, seed=11)
+
+    def run(aug, batch):
+        return aug(dict(batch, data=batch["data"].clone(), target=batch["target"].clone()))
+
+    initial = [t.tolist() for t in a.state_dict()["channel_orders"]]
+    assert len(initial) == 2
+    for batch in cascade_batches * 10:  # until an order differs from the one a fresh pipeline starts with
+        run(a, batch)
+        state = a.state_dict()
+        if [t.tolist() for t in state["channel_orders"]] != initial:
+            break
+    assert [t.tolist() for t in state["channel_orders"]] != initial
+    b = DeviceAugmentation(cascade_pipeline(cascade_datamodule), seed=0)
+    b.load_state_dict(torch.load(_saved(state), weights_only=True))
+    for batch in cascade_batches * 2:
+        x, y = run(a, batch), run(b, batch)
+        assert_same(x["data"], y["data"], "data after restore")
+        assert_same(x["target"], y["target"], "target after restore")
+
+
+def _saved(state: dict):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_cascade_transforms_match_the_cpu_path_and_stay_on_the_device(cascade_datamodule, cascade_batches):
+    """Forced on, same seeds: CUDA output == CPU output, except the binary operator's FFT convolution, whose rounding
+    on another FFT kernel may flip a voxel at the threshold (< 0.1% of voxels). The batch stays on the device."""
+    cuda = torch.device("cuda")
+    pipeline = cascade_pipeline(cascade_datamodule)
+    on_cpu = [to_device_pipeline(t) for t in leaves(copy.deepcopy(pipeline)) if isinstance(t, CASCADE_TRANSFORMS)]
+    on_gpu = [to_device_pipeline(t) for t in leaves(copy.deepcopy(pipeline)) if isinstance(t, CASCADE_TRANSFORMS)]
+    seed = 0
+    for batch in cascade_batches:
+        for b in range(batch["data"].shape[0]):
+            sample = {"image": batch["data"][b].clone(), "segmentation": batch["target"][b].clone()}
+            for cpu_t, gpu_t in zip(on_cpu, on_gpu):
+                seed += 1
+                seed_all(seed)
+                ref = cpu_t(**{k: v.clone() for k, v in sample.items()})
+                seed_all(seed)
+                out = gpu_t(**{k: v.to(cuda) for k, v in sample.items()})
+                for key in ref:
+                    assert out[key].device.type == "cuda" and out[key].dtype == ref[key].dtype, key
+                    differ = (out[key].cpu() != ref[key]).float().mean()
+                    assert differ == 0 or (isinstance(cpu_t, ApplyRandomBinaryOperatorTransform) and differ < 1e-3)
+                sample = ref
+    aug = DeviceAugmentation(pipeline, seed=3)
+    out = aug({k: v.to(cuda) if torch.is_tensor(v) else v for k, v in cascade_batches[0].items()})
+    assert out["data"].device.type == "cuda" and all(t.device.type == "cuda" for t in out["target"])

@@ -478,11 +478,33 @@ class DeviceAugmentation:
                                if isinstance(segs[0], list) else torch.stack(segs))
         return out_batch
 
+    def _shuffled(self) -> list[BasicTransform]:
+        """The transforms whose `get_parameters` shuffles `channel_idx` in place: that order is part of the stream."""
+        found, todo = [], [self.transforms]
+        while todo:
+            t = todo.pop(0)
+            if isinstance(t, ComposeTransforms):
+                todo = list(t.transforms) + todo
+            elif isinstance(t, RandomTransform):
+                todo.insert(0, t.transform)
+            elif isinstance(t, (DeviceBinaryOperatorTransform, DeviceRemoveConnectedComponentTransform)):
+                found.append(t)
+        return found
+
     def state_dict(self) -> dict[str, Any]:
-        return self.stream.state_dict()
+        state = self.stream.state_dict()
+        shuffled = self._shuffled()
+        if shuffled:  # the cascade's: without it a resumed run would shuffle from the initial order
+            state["channel_orders"] = [torch.tensor(t.channel_idx) for t in shuffled]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state)
+        orders = state.get("channel_orders")
+        shuffled = self._shuffled()
+        if orders is not None and len(orders) == len(shuffled):
+            for t, order in zip(shuffled, orders):
+                t.channel_idx = [int(i) for i in order]
 
 
 def device_seed(base: int, rank: int) -> int:
