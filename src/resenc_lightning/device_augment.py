@@ -4,6 +4,7 @@ Interface (stable; the benchmark script uses it):
 
     aug = DeviceAugmentation.from_spec(spec, enable_deep_supervision=True, seed=None)  # or .from_view(view, seed=)
     batch = aug(batch)   # {'data': (B, C, *initial_patch), 'target': (B, 1, *initial_patch), ...} on the device
+                         #   (cascade: 'target' (B, 2, ...), the previous stage's segmentation in channel 1)
                          # -> 'data' (B, C, *patch); 'target' the deep-supervision list (or one tensor), as
                          #    nnU-Net's get_training_transforms + nnUNetDataLoader give them
     aug.state_dict() / aug.load_state_dict(state)   # its random stream, for checkpoints
