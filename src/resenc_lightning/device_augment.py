@@ -4,6 +4,7 @@ Interface (stable; the benchmark script uses it):
 
     aug = DeviceAugmentation.from_spec(spec, enable_deep_supervision=True, seed=None)  # or .from_view(view, seed=)
     batch = aug(batch)   # {'data': (B, C, *initial_patch), 'target': (B, 1, *initial_patch), ...} on the device
+                         #   (cascade: 'target' (B, 2, ...), the previous stage's segmentation in channel 1)
                          # -> 'data' (B, C, *patch); 'target' the deep-supervision list (or one tensor), as
                          #    nnU-Net's get_training_transforms + nnUNetDataLoader give them
     aug.state_dict() / aug.load_state_dict(state)   # its random stream, for checkpoints
@@ -11,8 +12,8 @@ Interface (stable; the benchmark script uses it):
 The pipeline is nnU-Net's own `get_training_transforms` object for the run's plans (built by `recipe.training_transforms`,
 so order, probabilities and ranges are nnU-Net's by construction), run per sample over the batch exactly as
 `nnUNetDataLoader.generate_train_batch` runs it, but on tensors that are already on the device. batchgeneratorsv2's
-transforms are reused as they are wherever they run on any device; three are swapped for device versions that keep
-their parameters (same attributes, same random draws in the same order) and change only where tensors are made:
+transforms are reused as they are wherever they run on any device; the others are swapped for device versions that
+keep their parameters (same attributes, same random draws in the same order) and change only where tensors are made:
 
 - `SpatialTransform`: its grid is built on the CPU (`get_parameters`), and its segmentation path reads the labels with
   `.numpy()` / `pd.unique` and allocates its buffers on the CPU. -> `DeviceSpatialTransform`.
@@ -21,6 +22,13 @@ their parameters (same attributes, same random draws in the same order) and chan
   direct convolution).
 - `ConvertSegmentationToRegionsTransform`: its region label tensors live on the CPU and are compared with the
   segmentation (1-element tensors, not scalars). -> `DeviceRegionsTransform`.
+- the cascade's `MoveSegAsOneHotToDataTransform`: allocates the image with the one-hot channels by `torch.empty`
+  without a device (on the CPU). -> `DeviceMoveSegAsOneHotTransform` (allocated on the image's device).
+- the cascade's `ApplyRandomBinaryOperatorTransform`: its structuring element is `torch.from_numpy(ball(r))`, on the
+  CPU. -> `DeviceBinaryOperatorTransform` (the same element moved to the image's device).
+- the cascade's `RemoveRandomConnectedComponentFromOneHotEncodingTransform`: labels connected components with
+  `.numpy()` and acvl_utils/scikit-image, which only run on the CPU. -> `DeviceRemoveConnectedComponentTransform`
+  (the library's own code on a CPU copy of the one-hot channels, written back to the device; only when it fires).
 
 Random stream: batchgeneratorsv2 draws from the global numpy and torch generators. The augmentation runs with its
 own numpy/torch(/CUDA) states swapped into those globals (`AugmentationStream`), so its draws neither depend on nor
@@ -42,6 +50,11 @@ from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrig
 from batchgeneratorsv2.transforms.intensity.contrast import ContrastTransform
 from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
 from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+from batchgeneratorsv2.transforms.nnunet.random_binary_operator import ApplyRandomBinaryOperatorTransform
+from batchgeneratorsv2.transforms.nnunet.remove_connected_components import (
+    RemoveRandomConnectedComponentFromOneHotEncodingTransform,
+)
+from batchgeneratorsv2.transforms.nnunet.seg_to_onehot import MoveSegAsOneHotToDataTransform
 from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
 from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
@@ -264,6 +277,72 @@ class DeviceRegionsTransform(ConvertSegmentationToRegionsTransform):
         return super()._apply_to_segmentation(segmentation, **params)
 
 
+class DeviceMoveSegAsOneHotTransform(MoveSegAsOneHotToDataTransform):
+    """The cascade's MoveSegAsOneHotToDataTransform with its output (image + one-hot channels) made on the image's device."""
+
+    @classmethod
+    def from_library(cls, transform: MoveSegAsOneHotToDataTransform) -> DeviceMoveSegAsOneHotTransform:
+        return _from_library(cls, transform)
+
+    def apply(self, data_dict: dict, **params) -> dict:
+        with torch.device(data_dict["image"].device):  # its torch.empty
+            return super().apply(data_dict, **params)
+
+
+class _StrelOnDevice:
+    """A batchgeneratorsv2 binary operator called with its (CPU) structuring element moved to the input's device."""
+
+    def __init__(self, operator: Any) -> None:
+        self.operator = operator
+
+    def __call__(self, x: torch.Tensor, strel: torch.Tensor) -> torch.Tensor:
+        return self.operator(x, strel.to(x.device))
+
+
+class DeviceBinaryOperatorTransform(ApplyRandomBinaryOperatorTransform):
+    """The cascade's ApplyRandomBinaryOperatorTransform with its structuring element moved to the image's device.
+
+    Same draws (`get_parameters` is the library's); the operators (fft_conv dilation/erosion) are the library's.
+    """
+
+    @classmethod
+    def from_library(cls, transform: ApplyRandomBinaryOperatorTransform) -> DeviceBinaryOperatorTransform:
+        new = _from_library(cls, transform)
+        new.channel_idx = list(transform.channel_idx)  # get_parameters shuffles it in place: its own order
+        return new
+
+    def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
+        if img.device.type != "cpu":
+            params = dict(params, operators=[_StrelOnDevice(o) for o in params["operators"]])
+        return super()._apply_to_image(img, **params)
+
+
+class DeviceRemoveConnectedComponentTransform(RemoveRandomConnectedComponentFromOneHotEncodingTransform):
+    """The cascade's RemoveRandomConnectedComponent... run by the library's own code on a CPU copy of the one-hot
+    channels, written back to the device.
+
+    Connected-component labelling (acvl_utils / scikit-image, via `.numpy()`) has no torch version; it fires on 20% of
+    samples and only reads and writes the channels in `channel_idx`, so only those travel. Same draws, exact.
+    """
+
+    @classmethod
+    def from_library(cls, transform: RemoveRandomConnectedComponentFromOneHotEncodingTransform
+                     ) -> DeviceRemoveConnectedComponentTransform:
+        new = _from_library(cls, transform)
+        new.channel_idx = list(transform.channel_idx)  # get_parameters shuffles it in place: its own order
+        return new
+
+    def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
+        if img.device.type == "cpu" or not params["apply_to_channels"]:
+            return super()._apply_to_image(img, **params)
+        channels = sorted({c % img.shape[0] for c in self.channel_idx})
+        on_cpu = torch.empty(img.shape, dtype=img.dtype)  # the other channels are never read
+        on_cpu[channels] = img[channels].cpu()
+        on_cpu = super()._apply_to_image(on_cpu, **params)
+        img[channels] = on_cpu[channels].to(img.device)
+        return img
+
+
 #: batchgeneratorsv2 transforms that run unchanged on tensors of any device (checked in their source: every tensor they
 #: make is either on the input's device or a CPU scalar / index used as such).
 REUSED = (
@@ -276,6 +355,9 @@ REWRITTEN: dict[type, type] = {
     SpatialTransform: DeviceSpatialTransform,
     GaussianBlurTransform: DeviceGaussianBlurTransform,
     ConvertSegmentationToRegionsTransform: DeviceRegionsTransform,
+    MoveSegAsOneHotToDataTransform: DeviceMoveSegAsOneHotTransform,
+    ApplyRandomBinaryOperatorTransform: DeviceBinaryOperatorTransform,
+    RemoveRandomConnectedComponentFromOneHotEncodingTransform: DeviceRemoveConnectedComponentTransform,
 }
 
 
@@ -397,11 +479,33 @@ class DeviceAugmentation:
                                if isinstance(segs[0], list) else torch.stack(segs))
         return out_batch
 
+    def _shuffled(self) -> list[BasicTransform]:
+        """The transforms whose `get_parameters` shuffles `channel_idx` in place: that order is part of the stream."""
+        found, todo = [], [self.transforms]
+        while todo:
+            t = todo.pop(0)
+            if isinstance(t, ComposeTransforms):
+                todo = list(t.transforms) + todo
+            elif isinstance(t, RandomTransform):
+                todo.insert(0, t.transform)
+            elif isinstance(t, (DeviceBinaryOperatorTransform, DeviceRemoveConnectedComponentTransform)):
+                found.append(t)
+        return found
+
     def state_dict(self) -> dict[str, Any]:
-        return self.stream.state_dict()
+        state = self.stream.state_dict()
+        shuffled = self._shuffled()
+        if shuffled:  # the cascade's: without it a resumed run would shuffle from the initial order
+            state["channel_orders"] = [torch.tensor(t.channel_idx) for t in shuffled]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state)
+        orders = state.get("channel_orders")
+        shuffled = self._shuffled()
+        if orders is not None and len(orders) == len(shuffled):
+            for t, order in zip(shuffled, orders):
+                t.channel_idx = [int(i) for i in order]
 
 
 def device_seed(base: int, rank: int) -> int:
@@ -409,5 +513,6 @@ def device_seed(base: int, rank: int) -> int:
     return int(np.random.SeedSequence([int(base), int(rank), 0xDA]).generate_state(1)[0])
 
 
-__all__ = ["AugmentationStream", "DeviceAugmentation", "DeviceGaussianBlurTransform", "DeviceRegionsTransform",
+__all__ = ["AugmentationStream", "DeviceAugmentation", "DeviceBinaryOperatorTransform", "DeviceGaussianBlurTransform",
+           "DeviceMoveSegAsOneHotTransform", "DeviceRegionsTransform", "DeviceRemoveConnectedComponentTransform",
            "DeviceSpatialTransform", "REUSED", "REWRITTEN", "device_seed", "to_device_pipeline"]
