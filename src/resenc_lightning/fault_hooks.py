@@ -42,11 +42,18 @@ def pause_spec() -> tuple[str, str, Path] | None:
 def pause(marker: Path, note: str, released: Callable[[], bool] = lambda: False) -> None:
     """Write `marker`, block until `<marker>.release` exists or `released()`, then write `<marker>.left`."""
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(note)
+    _write_whole(marker, note)
     release = marker.with_name(marker.name + ".release")
     while not (release.exists() or released()):
         time.sleep(_POLL_S)
-    marker.with_name(marker.name + ".left").write_text(note)
+    _write_whole(marker.with_name(marker.name + ".left"), note)
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """The file appears with its text (rename): a test that waits for it to exist never reads it half written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def pause_before_rename(path: Path) -> None:
