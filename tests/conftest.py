@@ -108,3 +108,18 @@ def stop_at_step_and_resume(folder: Path, *extra: str, step: int = 7) -> tuple[d
     resumed = build_cli(args("b", "--resume", "true"))
     fit(resumed, resumed.resolve_ckpt_path())
     return load(reference.checkpoint_dir / "last.ckpt"), load(last), mid, e.value.code
+
+
+def wait_for(condition, timeout: float, proc=None, poll: float = 0.02) -> bool:
+    """Poll for an event (a marker file, workers gone) until it happens: True; False when `proc` exits first or after
+    `timeout`, which only bounds a hung run (the tests never rely on a process being slow or fast)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    return False

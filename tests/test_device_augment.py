@@ -62,12 +62,17 @@ def assert_same(a, b, where: str) -> None:
     assert torch.equal(a, b), (where, (a.float() - b.float()).abs().max())
 
 
-@pytest.fixture(scope="module")
-def datamodule(tiny_dataset):
-    dm = NnUNetDataModule(plans=TINY_PLANS, dataset=str(TINY_ID), configuration="3d_fullres", fold="0",
-                          augment_on_device=True, num_workers=0)
+def switch_on_datamodule(plans: str, configuration: str, **kwargs) -> NnUNetDataModule:
+    """Fold 0 of the tiny dataset with the switch on and the loader in-process, set up for fit."""
+    dm = NnUNetDataModule(plans=plans, dataset=str(TINY_ID), configuration=configuration, fold="0",
+                          augment_on_device=True, num_workers=0, **kwargs)
     dm.setup("fit")
     return dm
+
+
+@pytest.fixture(scope="module")
+def datamodule(tiny_dataset):
+    return switch_on_datamodule(TINY_PLANS, "3d_fullres")
 
 
 @pytest.fixture(scope="module")

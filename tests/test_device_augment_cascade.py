@@ -19,9 +19,9 @@ from batchgeneratorsv2.transforms.nnunet.remove_connected_components import (
     RemoveRandomConnectedComponentFromOneHotEncodingTransform,
 )
 from batchgeneratorsv2.transforms.nnunet.seg_to_onehot import MoveSegAsOneHotToDataTransform
-from conftest import TINY_ID, TINY_PLANS
+from conftest import TINY_PLANS
 from test_cascade import CASCADE_PLANS, add_cascade, model_folder, run_args
-from test_device_augment import assert_batch_parity, assert_same, leaves, seed_all
+from test_device_augment import assert_batch_parity, assert_same, leaves, seed_all, switch_on_datamodule
 
 from resenc_lightning import recipe
 from resenc_lightning.data import NnUNetDataModule
@@ -54,10 +54,7 @@ def cascade_results(tiny_dataset, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cascade_datamodule(cascade_results) -> NnUNetDataModule:
-    dm = NnUNetDataModule(plans=CASCADE_PLANS, dataset=str(TINY_ID), configuration="3d_cascade_fullres", fold="0",
-                          augment_on_device=True, num_workers=0, results_dir=str(cascade_results))
-    dm.setup("fit")
-    return dm
+    return switch_on_datamodule(CASCADE_PLANS, "3d_cascade_fullres", results_dir=str(cascade_results))
 
 
 @pytest.fixture(scope="module")

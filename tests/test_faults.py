@@ -14,12 +14,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import tiny_args, wait_for
 
 import resenc_lightning
 from resenc_lightning.atomic import TMP_MARKER
@@ -74,17 +73,6 @@ def descendants(pid: int) -> set[int]:
 
 def alive(pids: set[int]) -> set[int]:
     return {pid for pid in pids if (stat := _stat(pid)) is not None and stat[0] != "Z"}
-
-
-def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.02) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        if proc is not None and proc.poll() is not None:
-            return False
-        time.sleep(poll)
-    return False
 
 
 def pause_at(event: str, marker: Path) -> dict[str, str]:

@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from conftest import TINY_ID, TINY_PLANS, tiny_args
+from conftest import TINY_ID, TINY_PLANS, tiny_args, wait_for
 from test_training import nnunet_lrs
 
 from resenc_lightning.callbacks import rng_state
@@ -22,12 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 8
 
 
-def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 180.0) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
+def wait_until(predicate, proc: subprocess.Popen, what: str, timeout: float = 180.0) -> None:
+    """conftest.wait_for, failing with what was awaited and whether the run exited first."""
+    if not wait_for(predicate, timeout, proc):
         assert proc.poll() is None, f"training exited (rc {proc.returncode}) before {what}"
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
 
 
 def fake_slurm(tmp_path: Path, ntasks: int = 1) -> tuple[dict[str, str], Path]:
@@ -56,7 +54,7 @@ def test_requeue_signal_saves_requeues_and_the_requeued_job_resumes(tiny_dataset
     proc = subprocess.Popen(cmd, cwd=REPO, env={**env, PAUSE_ENV: f"step=6@{marker}"}, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        wait_for(marker.exists, proc, "step 6")
+        wait_until(marker.exists, proc, "step 6")
         proc.send_signal(signal.SIGUSR1)  # what SLURM sends before the time limit (#SBATCH --signal=SIGUSR1@90)
         assert proc.wait(120) == 128 + signal.SIGUSR1, (tmp_path / "first.log").read_text()[-3000:]
     finally:
@@ -147,9 +145,9 @@ def test_two_ranks_agree_on_the_requeue_step_when_only_one_was_signalled(tiny_da
                                       stderr=subprocess.STDOUT))
     try:
         rank0, rank1 = (marker.with_name(f"paused.rank{r}") for r in (0, 1))
-        wait_for(lambda: rank0.exists() and rank1.exists(), procs[0], "both ranks at step 6")
+        wait_until(lambda: rank0.exists() and rank1.exists(), procs[0], "both ranks at step 6")
         procs[1].send_signal(signal.SIGUSR1)  # rank 1 only
-        wait_for(rank1.with_name(rank1.name + ".left").exists, procs[1], "rank 1 to take the signal")
+        wait_until(rank1.with_name(rank1.name + ".left").exists, procs[1], "rank 1 to take the signal")
         rank0.with_name(rank0.name + ".release").touch()  # rank 0 continues without a signal of its own
         codes = [p.wait(180) for p in procs]
     finally:
