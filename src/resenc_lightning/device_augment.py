@@ -293,35 +293,39 @@ def _cpu_stand_in(img: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=img.dtype).expand(img.shape)
 
 
-class _CpuDraws:
+def _drawn_on_cpu(get_parameters: Any, data_dict: dict) -> dict:
     """The generator rule for a library transform that draws with `device=img.device`: its own `get_parameters` runs
     on a CPU stand-in of the image (same draws, from the CPU generators), and the tensors it returns move to the
     image's device, where the library would have made them. The image's values are not read (nnU-Net's samplers are
     ranges and `BGContrast`, which ignore them)."""
-
-    def get_parameters(self, **data_dict) -> dict:
-        img = data_dict["image"]
-        params = super().get_parameters(**dict(data_dict, image=_cpu_stand_in(img)))  # type: ignore[misc]
-        return {k: v.to(img.device) if torch.is_tensor(v) else v for k, v in params.items()}
+    img = data_dict["image"]
+    params = get_parameters(**dict(data_dict, image=_cpu_stand_in(img)))
+    return {k: v.to(img.device) if torch.is_tensor(v) else v for k, v in params.items()}
 
 
-class DeviceContrastTransform(_CpuDraws, ContrastTransform):
-    """ContrastTransform with its channel draws from the CPU generator (`_CpuDraws`)."""
+class DeviceContrastTransform(ContrastTransform):
+    """ContrastTransform with its channel draws from the CPU generator (`_drawn_on_cpu`)."""
 
     @classmethod
     def from_library(cls, transform: ContrastTransform) -> DeviceContrastTransform:
         return _from_library(cls, transform)
 
+    def get_parameters(self, **data_dict) -> dict:
+        return _drawn_on_cpu(super().get_parameters, data_dict)
 
-class DeviceGammaTransform(_CpuDraws, GammaTransform):
-    """GammaTransform with its channel / retain-stats / invert draws from the CPU generator (`_CpuDraws`)."""
+
+class DeviceGammaTransform(GammaTransform):
+    """GammaTransform with its channel / retain-stats / invert draws from the CPU generator (`_drawn_on_cpu`)."""
 
     @classmethod
     def from_library(cls, transform: GammaTransform) -> DeviceGammaTransform:
         return _from_library(cls, transform)
 
+    def get_parameters(self, **data_dict) -> dict:
+        return _drawn_on_cpu(super().get_parameters, data_dict)
 
-class DeviceGaussianNoiseTransform(_CpuDraws, GaussianNoiseTransform):
+
+class DeviceGaussianNoiseTransform(GaussianNoiseTransform):
     """GaussianNoiseTransform with its channel draws and its noise field from the CPU generator, added on the device.
 
     `_apply_to_image` is the library's with the noise made on the CPU (same calls, same order) and moved; the sum is
@@ -331,6 +335,9 @@ class DeviceGaussianNoiseTransform(_CpuDraws, GaussianNoiseTransform):
     @classmethod
     def from_library(cls, transform: GaussianNoiseTransform) -> DeviceGaussianNoiseTransform:
         return _from_library(cls, transform)
+
+    def get_parameters(self, **data_dict) -> dict:
+        return _drawn_on_cpu(super().get_parameters, data_dict)
 
     def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
         n, sigmas = params["num_apply"], params["sigmas"]
@@ -590,6 +597,7 @@ def device_seed(base: int, rank: int) -> int:
     return int(np.random.SeedSequence([int(base), int(rank), 0xDA]).generate_state(1)[0])
 
 
-__all__ = ["AugmentationStream", "DeviceAugmentation", "DeviceBinaryOperatorTransform", "DeviceGaussianBlurTransform",
+__all__ = ["AugmentationStream", "DeviceAugmentation", "DeviceBinaryOperatorTransform", "DeviceContrastTransform",
+           "DeviceGammaTransform", "DeviceGaussianBlurTransform", "DeviceGaussianNoiseTransform",
            "DeviceMoveSegAsOneHotTransform", "DeviceRegionsTransform", "DeviceRemoveConnectedComponentTransform",
            "DeviceSpatialTransform", "REUSED", "REWRITTEN", "device_seed", "to_device_pipeline"]
