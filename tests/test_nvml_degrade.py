@@ -166,12 +166,12 @@ def test_numeric_cuda_visible_devices_follow_cuda_device_order(no_torch_uuid, mo
 
 # -- NVML errors degrade --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("failing, unknown", [
-    (("nvmlDeviceGetHandleByUUID", "nvmlDeviceGetHandleByIndex"), "which NVML device"),
-    (("nvmlDeviceGetHandleByIndex",), "which NVML device"),
+    (("nvmlDeviceGetHandleByUUID", "nvmlDeviceGetHandleByIndex"), "NVML device of cuda:0 is unknown"),
+    (("nvmlDeviceGetHandleByIndex",), "NVML device of cuda:0 is unknown"),
     (("nvmlDeviceGetMemoryInfo",), "memory unknown (NVML: Insufficient Permissions)"),
     (("nvmlDeviceGetName",), "device name unknown (NVML: Insufficient Permissions)"),
     (("nvmlDeviceGetComputeRunningProcesses",), "other processes unknown (NVML: Insufficient Permissions)"),
-    (("nvmlDeviceGetCount",), "which NVML device"),
+    (("nvmlDeviceGetCount",), "NVML device of cuda:0 is unknown"),
 ])
 def test_no_permission_at_any_call_degrades_to_one_warning(no_torch_uuid, monkeypatch, failing, unknown):
     """NO_PERMISSION (common in containers) at any call: setup and the epoch readings go on; one warning names what

@@ -67,7 +67,7 @@ class GpuMonitor(pl.Callback):
             else:
                 found = nvml_device.locate(nv, device.index or 0)
                 if found.handle is None:
-                    self._unknown([f"which NVML device is cuda:{device.index or 0}: {found.how}"])
+                    self._unknown([f"the NVML device of cuda:{device.index or 0} is {found.how}"])
                 else:
                     snap = self.inspect(nv, found.handle, trainer.global_rank, found.parent)
         except Exception as exc:  # never let NVML stop training
