@@ -177,6 +177,8 @@ def test_no_permission_at_any_call_degrades_to_one_warning(no_torch_uuid, monkey
     """NO_PERMISSION (common in containers) at any call: setup and the epoch readings go on; one warning names what
     is unknown; --require_exclusive_gpu does not refuse what it cannot check, and is still agreed with the others."""
     nv = Nvml(fail=failing, compute=[(os.getpid(), GB)])
+    if "nvmlDeviceGetHandleByUUID" in failing:  # torch knows the UUID; NVML refuses it, then the index
+        torch_uuid(monkeypatch, GPU.removeprefix("GPU-"))
     strategy = Strategy()
     monitor = GpuMonitor(require_exclusive_gpu=True)
     caught = set_up(monkeypatch, nv, monitor, strategy)
