@@ -101,6 +101,9 @@ class FakeNvml:
     def nvmlInit(self) -> None:
         self.initialised = True
 
+    def nvmlDeviceGetCount(self) -> int:
+        return 1
+
     def nvmlDeviceGetHandleByIndex(self, index: int):
         self.handles.append(("index", index))
         return ("handle", index)

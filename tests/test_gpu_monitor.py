@@ -97,7 +97,9 @@ def test_handle_for_respects_cuda_visible_devices_without_uuid(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", no_props)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's indices are NVML's only in PCI bus order
     nv = FakeNvml()
+    nv.nvmlDeviceGetCount = lambda: 4
     assert gpu_info.handle_for(nv, 0) == ("handle", 3)
     assert gpu_info.handle_for(nv, 1) == ("handle", 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid="8e1b-42"))

@@ -29,11 +29,21 @@ keep their parameters (same attributes, same random draws in the same order) and
 - the cascade's `RemoveRandomConnectedComponentFromOneHotEncodingTransform`: labels connected components with
   `.numpy()` and acvl_utils/scikit-image, which only run on the CPU. -> `DeviceRemoveConnectedComponentTransform`
   (the library's own code on a CPU copy of the one-hot channels, written back to the device; only when it fires).
+- `GaussianNoiseTransform`, `ContrastTransform`, `GammaTransform`: draw with `device=img.device`, i.e. from the CUDA
+  generator on a GPU (see the rule below). -> `DeviceGaussianNoiseTransform`, `DeviceContrastTransform`,
+  `DeviceGammaTransform` (the library's `get_parameters` on a CPU stand-in of the image; the noise field drawn on the
+  CPU and moved).
 
 Random stream: batchgeneratorsv2 draws from the global numpy and torch generators. The augmentation runs with its
-own numpy/torch(/CUDA) states swapped into those globals (`AugmentationStream`), so its draws neither depend on nor
+own numpy/torch states swapped into those globals (`AugmentationStream`), so its draws neither depend on nor
 disturb the data loader's (which in-process shares the globals and prefetches, so an interleaved stream would not
 survive a mid-epoch stop) and the stream is one small state to checkpoint per rank.
+
+The generator rule: every random draw of the augmentation comes from its own CPU generators (numpy, torch CPU), on
+any device; a draw needed on the device is made on the CPU and moved. So the CUDA path draws exactly the numbers of
+the CPU path, in the same order, and leaves the stream in the same state (the CPU parity tests then speak for CUDA
+too). The cost is the noise field (10% of samples) made by the CPU and copied to the device. The CUDA generator is
+never drawn from; `AugmentationStream.active` checks that and names the transform class to rewrite if one did.
 """
 
 from __future__ import annotations
@@ -82,6 +92,20 @@ def _from_library(cls: type, transform: BasicTransform) -> Any:
     new = cls.__new__(cls)
     new.__dict__.update(vars(transform))
     return new
+
+
+@contextlib.contextmanager
+def _ieee_fp32_conv() -> Iterator[None]:
+    """cuDNN convolutions in full float32 here only (TF32 would be ~1e-3 relative off the CPU path's blur), without
+    touching the network's setting. torch 2.14's per-operator `cudnn.conv.fp32_precision`: the legacy
+    `cudnn.flags(allow_tf32=False)` would also reset `enabled` and `benchmark`, and mixing the two APIs is refused."""
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = before
 
 
 @contextlib.contextmanager
@@ -246,11 +270,11 @@ class DeviceSpatialTransform(SpatialTransform):
 
 
 class DeviceGaussianBlurTransform(GaussianBlurTransform):
-    """GaussianBlurTransform with its kernels made on the image's device, always by direct convolution.
+    """GaussianBlurTransform with its kernels made on the image's device, always by direct convolution in fp32.
 
     nnU-Net sets `benchmark=True`, which times FFT against direct convolution per (size, kernel) with the CPU clock
     and keeps the faster: both compute the same blur, up to float rounding; on a GPU that timing would measure
-    kernel launches, not work, so the direct (cuDNN) convolution is used.
+    kernel launches, not work, so the direct (cuDNN) convolution is used, with TF32 off (`_ieee_fp32_conv`).
     """
 
     @classmethod
@@ -260,8 +284,74 @@ class DeviceGaussianBlurTransform(GaussianBlurTransform):
         return new
 
     def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
-        with torch.device(img.device):  # _build_kernel's torch.linspace
+        with torch.device(img.device), _ieee_fp32_conv():  # _build_kernel's torch.linspace; the conv in fp32
             return super()._apply_to_image(img, **params)
+
+
+def _cpu_stand_in(img: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor with the image's shape and dtype and one element of storage: all that nnU-Net's samplers read."""
+    return torch.zeros((), dtype=img.dtype).expand(img.shape)
+
+
+def _drawn_on_cpu(get_parameters: Any, data_dict: dict) -> dict:
+    """The generator rule for a library transform that draws with `device=img.device`: its own `get_parameters` runs
+    on a CPU stand-in of the image (same draws, from the CPU generators), and the tensors it returns move to the
+    image's device, where the library would have made them. The image's values are not read (nnU-Net's samplers are
+    ranges and `BGContrast`, which ignore them)."""
+    img = data_dict["image"]
+    params = get_parameters(**dict(data_dict, image=_cpu_stand_in(img)))
+    return {k: v.to(img.device) if torch.is_tensor(v) else v for k, v in params.items()}
+
+
+class DeviceContrastTransform(ContrastTransform):
+    """ContrastTransform with its channel draws from the CPU generator (`_drawn_on_cpu`)."""
+
+    @classmethod
+    def from_library(cls, transform: ContrastTransform) -> DeviceContrastTransform:
+        return _from_library(cls, transform)
+
+    def get_parameters(self, **data_dict) -> dict:
+        return _drawn_on_cpu(super().get_parameters, data_dict)
+
+
+class DeviceGammaTransform(GammaTransform):
+    """GammaTransform with its channel / retain-stats / invert draws from the CPU generator (`_drawn_on_cpu`)."""
+
+    @classmethod
+    def from_library(cls, transform: GammaTransform) -> DeviceGammaTransform:
+        return _from_library(cls, transform)
+
+    def get_parameters(self, **data_dict) -> dict:
+        return _drawn_on_cpu(super().get_parameters, data_dict)
+
+
+class DeviceGaussianNoiseTransform(GaussianNoiseTransform):
+    """GaussianNoiseTransform with its channel draws and its noise field from the CPU generator, added on the device.
+
+    `_apply_to_image` is the library's with the noise made on the CPU (same calls, same order) and moved; the sum is
+    the same float additions on either device.
+    """
+
+    @classmethod
+    def from_library(cls, transform: GaussianNoiseTransform) -> DeviceGaussianNoiseTransform:
+        return _from_library(cls, transform)
+
+    def get_parameters(self, **data_dict) -> dict:
+        return _drawn_on_cpu(super().get_parameters, data_dict)
+
+    def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
+        n, sigmas = params["num_apply"], params["sigmas"]
+        if n == 0 or sigmas is None:
+            return img
+        spatial, dtype = img.shape[1:], img.dtype
+        if not self.synchronize_channels:
+            sigma = torch.as_tensor(sigmas, dtype=dtype).view((n,) + (1,) * len(spatial))
+            noise = torch.empty((n, *spatial), dtype=dtype).normal_()
+            noise.mul_(sigma)
+        else:
+            noise = torch.empty((n, *spatial), dtype=dtype).normal_(mean=0.0, std=float(sigmas))
+        img.index_add_(0, params["apply_idx"], noise.to(img.device))
+        return img
 
 
 class DeviceRegionsTransform(ConvertSegmentationToRegionsTransform):
@@ -344,11 +434,10 @@ class DeviceRemoveConnectedComponentTransform(RemoveRandomConnectedComponentFrom
 
 
 #: batchgeneratorsv2 transforms that run unchanged on tensors of any device (checked in their source: every tensor they
-#: make is either on the input's device or a CPU scalar / index used as such).
+#: make is either on the input's device or a CPU scalar / index used as such, and every draw is from the CPU generator).
 REUSED = (
-    Convert3DTo2DTransform, Convert2DTo3DTransform, GaussianNoiseTransform, MultiplicativeBrightnessTransform,
-    ContrastTransform, SimulateLowResolutionTransform, GammaTransform, MirrorTransform, MaskImageTransform,
-    RemoveLabelTransform, DownsampleSegForDSTransform,
+    Convert3DTo2DTransform, Convert2DTo3DTransform, MultiplicativeBrightnessTransform, SimulateLowResolutionTransform,
+    MirrorTransform, MaskImageTransform, RemoveLabelTransform, DownsampleSegForDSTransform,
 )
 #: the library transform -> its device version (reason in each class's docstring and the README).
 REWRITTEN: dict[type, type] = {
@@ -358,6 +447,9 @@ REWRITTEN: dict[type, type] = {
     MoveSegAsOneHotToDataTransform: DeviceMoveSegAsOneHotTransform,
     ApplyRandomBinaryOperatorTransform: DeviceBinaryOperatorTransform,
     RemoveRandomConnectedComponentFromOneHotEncodingTransform: DeviceRemoveConnectedComponentTransform,
+    GaussianNoiseTransform: DeviceGaussianNoiseTransform,
+    ContrastTransform: DeviceContrastTransform,
+    GammaTransform: DeviceGammaTransform,
 }
 
 
@@ -380,11 +472,12 @@ def to_device_pipeline(transform: BasicTransform) -> BasicTransform:
 
 
 class AugmentationStream:
-    """The augmentation's own numpy / torch / CUDA generator states, put into the global generators while it runs.
+    """The augmentation's own numpy / torch (CPU) generator states, put into the global generators while it runs.
 
     Seeded like `np.random.seed(seed); torch.manual_seed(seed)`, so a CPU run draws exactly what batchgeneratorsv2
-    run after those two calls draws. States are kept as tensors and plain values (checkpoints load with
-    weights_only=True).
+    run after those two calls draws, and by the generator rule (module docstring) a CUDA run draws the same. States are
+    kept as tensors and plain values (checkpoints load with weights_only=True). Checkpoints written before the rule
+    may hold a "cuda" state: it is ignored, nothing draws from it any more.
     """
 
     def __init__(self, seed: int) -> None:
@@ -392,38 +485,30 @@ class AugmentationStream:
         kind, keys, pos, has_gauss, cached = np.random.RandomState(self.seed).get_state()
         self.numpy = (kind, keys, int(pos), int(has_gauss), float(cached))
         self.torch = torch.Generator().manual_seed(self.seed).get_state()
-        self.cuda: torch.Tensor | None = None
 
     @contextlib.contextmanager
     def active(self, device: torch.device) -> Iterator[None]:
-        on_cuda = device.type == "cuda"
         outer_np, outer_torch = np.random.get_state(), torch.get_rng_state()
-        outer_cuda = torch.cuda.get_rng_state(device) if on_cuda else None
+        cuda_before = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         np.random.set_state(self.numpy)
         torch.set_rng_state(self.torch)
-        if on_cuda:
-            if self.cuda is None:
-                with torch.cuda.device(device):
-                    torch.cuda.manual_seed(self.seed)
-            else:
-                torch.cuda.set_rng_state(self.cuda, device)
         try:
             yield
         finally:
             self.numpy, self.torch = np.random.get_state(), torch.get_rng_state()
             np.random.set_state(outer_np)
             torch.set_rng_state(outer_torch)
-            if on_cuda:
-                self.cuda = torch.cuda.get_rng_state(device)
-                torch.cuda.set_rng_state(outer_cuda, device)
+        if cuda_before is not None and not torch.equal(cuda_before, torch.cuda.get_rng_state(device)):
+            raise RuntimeError("DeviceAugmentation: a transform drew from the CUDA generator, against the rule that "
+                               "every augmentation draw comes from its own CPU generators (device_augment.py); give "
+                               "that transform a device version as GaussianNoise has, or train with "
+                               "--data.augment_on_device false.")
 
     def state_dict(self) -> dict[str, Any]:
         kind, keys, pos, has_gauss, cached = self.numpy
         state = {"seed": self.seed, "torch": self.torch.clone(),
                  "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
                            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-        if self.cuda is not None:
-            state["cuda"] = self.cuda.clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -432,7 +517,6 @@ class AugmentationStream:
         self.numpy = (n["kind"], n["keys"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
                       float(n["cached_gaussian"]))
         self.torch = state["torch"].clone()
-        self.cuda = state["cuda"].clone() if state.get("cuda") is not None else None
 
 
 # -- the batch transform --------------------------------------------------------------------------------------------
@@ -513,6 +597,7 @@ def device_seed(base: int, rank: int) -> int:
     return int(np.random.SeedSequence([int(base), int(rank), 0xDA]).generate_state(1)[0])
 
 
-__all__ = ["AugmentationStream", "DeviceAugmentation", "DeviceBinaryOperatorTransform", "DeviceGaussianBlurTransform",
+__all__ = ["AugmentationStream", "DeviceAugmentation", "DeviceBinaryOperatorTransform", "DeviceContrastTransform",
+           "DeviceGammaTransform", "DeviceGaussianBlurTransform", "DeviceGaussianNoiseTransform",
            "DeviceMoveSegAsOneHotTransform", "DeviceRegionsTransform", "DeviceRemoveConnectedComponentTransform",
            "DeviceSpatialTransform", "REUSED", "REWRITTEN", "device_seed", "to_device_pipeline"]

@@ -21,7 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from resenc_lightning import gpu_info, rank_report
+from resenc_lightning import gpu_info, nvml_pids, rank_report
 
 
 class EpochTiming(pl.Callback):
@@ -50,6 +50,7 @@ class EpochTiming(pl.Callback):
         self._start_epoch: int | None = None  # this process's first epoch
         self._restored = False
         self._compare = False  # a reference came with the checkpoint: this run checks for drift against it
+        self._rank_pids: list[int] = []  # this trainer's ranks: never "other processes" on the GPU
         self._reset()
 
     def _reset(self) -> None:
@@ -68,6 +69,8 @@ class EpochTiming(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._start_epoch is None:
             self._start_epoch = trainer.current_epoch
+        if pl_module.device.type == "cuda":
+            self._rank_pids = nvml_pids.rank_pids()  # collective: every rank starts training here
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
@@ -154,17 +157,11 @@ class EpochTiming(pl.Callback):
                     f"the memory target.")
         return "no evidence of GPU sharing, data wait or memory change; check clocks/thermals (GpuMonitor logs them)."
 
-    @staticmethod
-    def _other_gpu_processes(pl_module: pl.LightningModule) -> list[tuple[int, int]]:
+    def _other_gpu_processes(self, pl_module: pl.LightningModule) -> list[tuple[int, int]]:
+        """Others on our GPU; none when NVML cannot tell (GpuMonitor warns about that once)."""
         if pl_module.device.type != "cuda":
             return []
-        nv = gpu_info.load_nvml()
-        if nv is None:
-            return []
-        try:
-            return gpu_info.snapshot(nv, gpu_info.handle_for(nv, pl_module.device.index or 0)).other_processes
-        except Exception:
-            return []
+        return gpu_info.other_processes(pl_module.device, self._rank_pids) or []
 
     # -- checkpoint state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
