@@ -4,6 +4,7 @@ on CUDA, and bf16-mixed precision (trains and resumes on the CPU). CUDA is mocke
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -13,13 +14,23 @@ from resenc_lightning import cli as cli_module
 from resenc_lightning.cli import _uses_cuda, build_cli, deterministic_mode, limit_torch_threads
 from resenc_lightning.module import ResEncUNetModule
 
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS")
+
 
 @pytest.fixture()
-def thread_calls(monkeypatch) -> list[tuple[str, int]]:
+def thread_calls(monkeypatch):
+    """Records torch's thread settings; nnU-Net's thread variables unset, and restored after the test whatever the
+    code writes, as is inductor's compile_threads (a config module: its own patch(), not monkeypatch)."""
+    import torch._inductor.config as inductor_config
+
+    for name in THREAD_ENV:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     calls: list[tuple[str, int]] = []
     monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("intra", n)))
     monkeypatch.setattr(torch, "set_num_interop_threads", lambda n: calls.append(("interop", n)))
-    return calls
+    with inductor_config.patch(compile_threads=16):
+        yield calls
 
 
 @pytest.fixture()
@@ -43,6 +54,26 @@ def test_cpu_runs_keep_torchs_threads(monkeypatch, thread_calls):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not any(limit_torch_threads(_uses_cuda(a)) for a in (None, "auto", "gpu", "cuda"))
     assert thread_calls == []
+
+
+def test_cuda_runs_set_nnunets_thread_variables_unless_the_user_did(monkeypatch, thread_calls):
+    """nnunetv2/run/run_training.py (__main__) sets OMP/MKL/OPENBLAS_NUM_THREADS and TORCHINDUCTOR_COMPILE_THREADS to 1:
+    they reach the processes the run starts (DDP ranks, inductor's compile workers); inductor's own pool size was read
+    when lightning imported torch._inductor.config, so it is set directly. A user's exported value stands."""
+    import torch._inductor.config as inductor_config
+
+    assert limit_torch_threads(False) is False
+    assert not any(name in os.environ for name in THREAD_ENV) and inductor_config.compile_threads == 16  # CPU: none
+    assert limit_torch_threads(True) is True
+    assert {name: os.environ.get(name) for name in THREAD_ENV} == dict.fromkeys(THREAD_ENV, "1")
+    assert inductor_config.compile_threads == 1
+
+    for name in THREAD_ENV:
+        monkeypatch.setenv(name, "4")
+    inductor_config.compile_threads = 4  # read from the user's variable at import
+    limit_torch_threads(True)
+    assert {name: os.environ.get(name) for name in THREAD_ENV} == dict.fromkeys(THREAD_ENV, "4")
+    assert inductor_config.compile_threads == 4
 
 
 def test_interop_threads_set_earlier_in_the_process_is_no_error(monkeypatch, thread_calls):
@@ -75,6 +106,7 @@ def test_cli_decides_threads_and_deterministic_mode_from_the_device_before_train
     build_cli(tiny_args(results_dir, "--deterministic", "true", "--trainer.accelerator", "cpu",
                         "--trainer.precision", "32-true"))
     assert thread_calls == [("intra", 1), ("interop", 1)]
+    assert os.environ["OMP_NUM_THREADS"] == "1"  # set before fit starts augmentation workers or DDP ranks
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     assert 'deterministic true on CUDA -> "warn"' in capsys.readouterr().out
 
@@ -101,3 +133,4 @@ def test_bf16_mixed_trains_and_resumes_on_cpu(tiny_dataset, results_dir):
     module = ResEncUNetModule(spec=cli.datamodule.spec)
     module.load_state_dict(ckpt["state_dict"], strict=True)
     assert all(p.dtype == torch.float32 for p in module.parameters())  # fp32 master weights
+

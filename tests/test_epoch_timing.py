@@ -12,6 +12,7 @@ import pytest
 import torch
 from callback_helpers import SCHEDULE, FakeNvml, csv_rows, fit, load_ckpt, the
 from conftest import tiny_args
+from fake_cuda_memory import FakeCudaMemory
 
 from resenc_lightning import gpu_info
 from resenc_lightning.callbacks.cudnn_pinning import CudnnPinning
@@ -133,4 +134,23 @@ def test_likely_cause_names_other_processes_on_the_gpu(monkeypatch):
                                        {"data_wait_frac": 0.1, "reserved_gb": 10.0}, cuda)
     assert cause.startswith("1 other process(es) on this GPU (pids 4242)")
 
+
+def test_reserved_gb_is_each_epochs_own_peak(monkeypatch):
+    """Epoch 0 holds cuDNN's benchmark workspaces (20 GB), released afterwards; epoch 1 peaks at 9 GB. A cumulative
+    peak would report epoch 0's 21 GB again and hide a later epoch reserving less than the reference."""
+    cuda = FakeCudaMemory(resident_gib=1.0)
+    for name in ("synchronize", "reset_peak_memory_stats", "max_memory_reserved"):
+        monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
+    timing = EpochTiming()
+    module = SimpleNamespace(device=torch.device("cuda", 0), log_dict=lambda metrics, **kwargs: None)
+    trainer = SimpleNamespace(current_epoch=0, world_size=1)
+    for epoch, gib in enumerate([20.0, 9.0]):
+        trainer.current_epoch = epoch
+        timing.on_train_epoch_start(trainer, module)
+        timing.on_train_batch_start(trainer, module, None, 0)
+        cuda.use(gib)
+        timing.on_train_batch_end(trainer, module, None, None, 0)
+        timing.on_train_epoch_end(trainer, module)
+        cuda.empty_cache()  # e.g. the warm-up's clean-up releases the cached workspaces
+    assert [e["reserved_gb"] for e in timing.epochs] == pytest.approx([21.0, 10.0])
 

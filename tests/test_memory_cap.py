@@ -131,16 +131,94 @@ def test_memory_cap_setup_uses_the_plans_and_does_nothing_on_cpu(tiny_dataset, r
     assert fake.fraction_calls == [(pytest.approx(1 / 3), 0)] and cap.warning is None
 
 
-def test_memory_cap_state_round_trips_and_expandable_segments_is_set_in_setup_not_init(monkeypatch):
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    cap = CudaMemoryCap(expandable_segments=True)
-    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ  # building the callback (e.g. --help, --print_config) changes nothing
+def test_memory_cap_state_round_trips(monkeypatch):
+    cap = CudaMemoryCap()
     cap._cuda = FakeCuda(80)
-    gpu_trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
-    cap.setup(gpu_trainer, SimpleNamespace(spec=None), "fit")  # no plans: no cap, but the allocator setting is made
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     d = cap.apply(torch.device("cuda", 0), 24.0, "explicit target_gb", {}, 1)
     resumed = CudaMemoryCap()
     resumed.load_state_dict(cap.state_dict())
     assert resumed.restored_decision == d and resumed.decision is None  # the resumed run decides for its own card
 
+
+# -- --memory_cap.expandable_segments ------------------------------------------------------------------------------
+class FakeAllocatorConfig:
+    """torch's allocator settings: parsed from the environment once, at first use (CUDA initialisation), and from
+    then on changed only through torch._C._accelerator_setAllocatorSettings (as torch 2.14 does, checked on CPU)."""
+
+    def __init__(self, monkeypatch, parsed: str | None = None) -> None:
+        self.settings = parsed
+        self.set_calls: list[str] = []
+        monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", self.get)
+        monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", self.set)
+
+    def get(self) -> str:
+        if self.settings is None:
+            self.settings = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_ALLOC_CONF", ""))
+        return self.settings
+
+    def set(self, settings: str) -> None:
+        self.get()
+        self.set_calls.append(settings)
+        self.settings = settings
+
+
+@pytest.fixture()
+def alloc_env(monkeypatch):
+    """Both allocator variables unset, and restored after the test whatever the code under test writes."""
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+def test_expandable_segments_reaches_the_allocator_before_cuda_initialises(tiny_dataset, results_dir, monkeypatch,
+                                                                          alloc_env):
+    """A real fit through the CLI on a recording accelerator: CUDA initialises in the accelerator's setup_device
+    (torch.cuda.set_device, in strategy.setup_environment, before any Callback.setup) and the caching allocator
+    reads its settings then; the request must come first, and keep the user's own settings."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.6")
+    config = FakeAllocatorConfig(monkeypatch)
+    events: list[str] = []
+    seen_at_init: list[str] = []
+    request = CudaMemoryCap.request_expandable_segments
+
+    def recorded_request(*args, **kwargs):
+        events.append("allocator setting applied")
+        return request(*args, **kwargs)
+
+    real_setup_device = CPUAccelerator.setup_device
+
+    def setup_device(self, device):
+        events.append("cuda initialised (set_device)")
+        seen_at_init.append(config.get())  # what the caching allocator reads when CUDA initialises
+        real_setup_device(self, device)
+
+    monkeypatch.setattr(CudaMemoryCap, "request_expandable_segments", staticmethod(recorded_request))
+    monkeypatch.setattr(CPUAccelerator, "setup_device", setup_device)
+    cli = build_cli(tiny_args(results_dir, "--memory_cap.expandable_segments", "true", epochs=1, iters=1, val_iters=1))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert events == ["allocator setting applied", "cuda initialised (set_device)"]
+    assert seen_at_init == ["garbage_collection_threshold:0.6,expandable_segments:True"]
+    assert config.set_calls == []  # the environment was in time: no runtime change needed
+
+
+def test_expandable_segments_after_cuda_initialised_uses_torchs_runtime_setter(monkeypatch, alloc_env):
+    infos: list[str] = []
+    monkeypatch.setattr(memory_cap.rank_report, "info", infos.append)
+    config = FakeAllocatorConfig(monkeypatch, parsed="max_split_size_mb:256")  # CUDA is up, settings already read
+    CudaMemoryCap(expandable_segments=True)
+    assert config.settings == "max_split_size_mb:256,expandable_segments:True"  # merged, not replaced
+    assert config.set_calls == ["max_split_size_mb:256,expandable_segments:True"]
+    assert any("from now on" in line for line in infos)
+
+
+def test_expandable_segments_keeps_the_users_own_value_and_is_off_with_the_cap(monkeypatch, alloc_env):
+    config = FakeAllocatorConfig(monkeypatch)
+    CudaMemoryCap(enabled=False, expandable_segments=True)  # the cap switched off entirely
+    CudaMemoryCap(expandable_segments=False)
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and config.settings is None and config.set_calls == []
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    with pytest.warns(UserWarning, match="expandable_segments:False"):
+        CudaMemoryCap(expandable_segments=True)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:False" and config.set_calls == []

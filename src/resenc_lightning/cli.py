@@ -9,6 +9,7 @@ no `--dataset` is given, the output folder, the forced callbacks, and one-line e
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -294,10 +295,18 @@ def _uses_cuda(accelerator: Any) -> bool:
     return name in ("auto", "gpu") or "cuda" in name
 
 
+#: nnunetv2/run/run_training.py's `__main__` sets these to 1 (after its imports, before training starts anything).
+NNUNET_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS")
+
+
 def limit_torch_threads(on_cuda: bool) -> bool:
     """nnU-Net's run_training on CUDA ("multithreading in torch doesn't help nnU-Net if run on GPU"): one intra-op and
-    one inter-op thread in the training process, leaving the cores to the augmentation workers. CPU runs keep torch's
-    defaults. Returns whether the limit was applied."""
+    one inter-op thread in the training process, leaving the cores to the augmentation workers, and nnU-Net's thread
+    variables at 1 for the processes the run starts (DDP ranks, inductor's compile workers; the augmentation workers
+    inherit them). Called before the Trainer exists, so before any of those start. A value the user exported stands
+    (nnUNetv2_train never sets them; only `python run_training.py` overwrites). Inductor read its compile-pool size
+    when lightning imported its config, so that is set directly too. CPU runs keep the defaults. Returns whether the
+    limit was applied."""
     if not on_cuda:
         return False
     torch.set_num_threads(1)
@@ -305,6 +314,12 @@ def limit_torch_threads(on_cuda: bool) -> bool:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # allowed only once, before any inter-op work (a second main() in one process)
         pass
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
+    for name in NNUNET_THREAD_ENV:
+        os.environ.setdefault(name, "1")
     return True
 
 

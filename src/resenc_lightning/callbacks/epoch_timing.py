@@ -74,6 +74,8 @@ class EpochTiming(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
+        if self.enabled and pl_module.device.type == "cuda":  # reserved_gb: this epoch's peak, not the process's
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
         self._epoch_start = self._last_end = self._now(pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

@@ -12,17 +12,18 @@ card for 20-22 GB). Two modes:
   would see.
 
 Runs in ``setup`` (before Lightning moves the model to the GPU), i.e. before any CUDA tensor.
+``expandable_segments`` is requested when the callback is built, before CUDA initialises
+(allocator_settings.py says why ``setup`` is too late).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 
-from resenc_lightning import rank_report
+from resenc_lightning import allocator_settings, rank_report
 from resenc_lightning.memory_target import GB, CapDecision, decide_cap, planner_command, plans_target_gb
 
 
@@ -40,7 +41,8 @@ class CudaMemoryCap(pl.Callback):
         headroom_fraction: part of the card always left free (default 10%).
         min_headroom_gb: at least this much left free (default 2 GB).
         mode: "fraction" (allocator cap) or "emulate" (ballast: the device looks like a target-sized card).
-        expandable_segments: set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (before CUDA init only).
+        expandable_segments: the caching allocator's expandable_segments:True, requested here, at construction
+            (the CLI builds callbacks before the Trainer, so before CUDA initialises); user settings are kept.
     """
 
     def __init__(self, enabled: bool = True, target_gb: float | None = None, headroom_fraction: float = 0.1,
@@ -60,12 +62,12 @@ class CudaMemoryCap(pl.Callback):
         self._ballast: torch.Tensor | None = None
         self.ballast_bytes = 0
         self._cuda: Any = torch.cuda  # replaced by a fake in tests
+        if enabled and expandable_segments:
+            self.request_expandable_segments()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.enabled or self.decision is not None:
             return
-        if self.expandable_segments:
-            self.request_expandable_segments()
         device = trainer.strategy.root_device
         if device.type != "cuda":
             rank_report.info(f"CudaMemoryCap: device is {device.type}, no CUDA memory to cap.")
@@ -111,14 +113,15 @@ class CudaMemoryCap(pl.Callback):
 
     @staticmethod
     def request_expandable_segments() -> None:
-        """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True. Read when the caching allocator starts, i.e. at the
-        first CUDA allocation: setup runs before Lightning moves the model, so in a fresh process it takes effect."""
-        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-        if "expandable_segments" not in conf:
-            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(filter(None, [conf, "expandable_segments:True"]))
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rank_report.warn("CudaMemoryCap: CUDA was initialised before setup; expandable_segments takes effect "
-                             "only in a new process (export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).")
+        """expandable_segments:True for the caching allocator: through the environment before CUDA initialises (at
+        the accelerator's set_device, before any Callback.setup), else through torch's runtime setter."""
+        how, own = allocator_settings.request_expandable_segments()
+        if how == "kept":
+            rank_report.warn(f"CudaMemoryCap: --memory_cap.expandable_segments true is overridden by your {own}; "
+                             f"unset it (or set expandable_segments:True) to use expandable segments.")
+        elif how == "runtime":
+            rank_report.info("CudaMemoryCap: CUDA was already initialised; expandable_segments:True set through "
+                             "torch's allocator settings applies to memory allocated from now on.")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._ballast = None
