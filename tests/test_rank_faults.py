@@ -1,0 +1,125 @@
+"""A rank that dies ends the job: kill -9 of one rank of a 2-process DDP run (gloo, CPU, real augmentation workers).
+
+Within 60 s of the kill every process of the job (both ranks and their workers, collected from the process tree
+before the kill) is gone and the exit code is non-zero; last.ckpt loads; `--resume` finishes the run. Rank 1 dying
+is Lightning's launcher's to handle (its child-process observer kills the rest); rank 0 dying leaves rank 1, its
+child, blocked in a collective unless our watchdog (rank_watchdog.py) ends it. Kills land at an event (both ranks
+paused at a step by the test-only pause hook), never after a sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_args, wait_for
+from test_faults import FOLD, alive, descendants, pause_at
+
+import resenc_lightning
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS, ITERS = 2, 3
+PAUSE_STEP = ITERS + 1  # in epoch 1, after epoch 0's last.ckpt
+GONE_WITHIN_S = 60.0
+
+
+def spawn_ddp(results: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python train.py` on 2 CPU ranks with one augmentation worker per loader; both ranks log to train.log."""
+    results.mkdir(parents=True, exist_ok=True)
+    args = tiny_args(results, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                     "--final_validation", "false", "--nnunet_export.plot_progress", "false", *extra,
+                     epochs=EPOCHS, iters=ITERS, val_iters=1)
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1",
+               "PYTHONPATH": os.pathsep.join([str(Path(resenc_lightning.__file__).parents[1]),
+                                              os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    log = open(results / "train.log", "ab")
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], env=environ, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def log_of(results: Path) -> str:
+    return (results / "train.log").read_text(errors="replace")[-4000:]
+
+
+def rank_pid(launcher: int, local_rank: int) -> int:
+    """The rank Lightning's launcher started: its direct child whose initial environment has LOCAL_RANK=<rank>
+    (the launcher's augmentation workers are forked, so their initial environment is the launcher's, without it)."""
+    for pid in descendants(launcher):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == launcher and f"LOCAL_RANK={local_rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no rank {local_rank} among the children of {launcher}")
+
+
+def describe(pids: set[int]) -> list[str]:
+    out = []
+    for pid in sorted(pids):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120].decode(errors="replace")
+            out.append(f"{pid}: {cmdline}")
+        except OSError:
+            out.append(f"{pid}: gone")
+    return out
+
+
+@pytest.mark.parametrize(("killed", "survivor_goes_on"), [(0, False), (1, False), (0, True)],
+                         ids=["rank0-survivor-held", "rank1-survivor-held", "rank0-survivor-in-collective"])
+def test_a_rank_killed_with_sigkill_ends_the_job_and_resume_finishes_the_run(tiny_dataset, tmp_path, killed,
+                                                                             survivor_goes_on):
+    """`survivor_goes_on`: the surviving rank leaves its pause into the next step's collectives (gloo notices the
+    dead peer there, "Connection reset by peer"); held, it stands for a rank that does not notice, as NCCL ranks
+    blocked in a collective on GPUs (they wait for NCCL's timeout, 30 min by default)."""
+    results = tmp_path / "results"
+    marker = tmp_path / "paused"
+    markers = [marker.with_name(f"{marker.name}.rank{r}") for r in (0, 1)]  # the pause hook's per-rank files
+    proc = spawn_ddp(results, env=pause_at(f"step={PAUSE_STEP}", marker))
+    job: set[int] = set()
+    try:
+        assert wait_for(lambda: all(m.exists() for m in markers), 400, proc), log_of(results)
+        ranks = {0: proc.pid, 1: rank_pid(proc.pid, 1)}
+        job = {proc.pid} | descendants(proc.pid)
+        workers = job - set(ranks.values())
+        assert len(workers) >= 4, f"expected a training and a validation worker per rank: {describe(job)}"
+        last = results / FOLD / "checkpoints" / "last.ckpt"
+        assert last.is_file()
+
+        os.kill(ranks[killed], signal.SIGKILL)
+        killed_at = time.monotonic()
+        if survivor_goes_on:
+            survivor = markers[1 - killed]
+            survivor.with_name(survivor.name + ".release").touch()
+        gone = wait_for(lambda: not alive(job), GONE_WITHIN_S)
+        took = time.monotonic() - killed_at
+        left = alive(job)
+        assert gone, (f"{GONE_WITHIN_S:.0f} s after kill -9 of rank {killed} these are still alive: {describe(left)}\n"
+                      + log_of(results))
+        code = proc.wait(10)
+        print(f"kill -9 of rank {killed}: every process of the job gone after {took:.1f} s, exit code {code}")
+        assert code != 0, log_of(results)
+        if killed == 0 and not survivor_goes_on:  # the survivor says why it ended
+            assert "rank 0" in log_of(results) and "died" in log_of(results), log_of(results)
+
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)  # intact: the kill never tears it
+        assert (ckpt["epoch"], ckpt["global_step"]) == (0, ITERS)
+    finally:
+        for pid in alive(job | {proc.pid}):  # only what a failed test leaves behind, by pid
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(30)
+
+    start = time.monotonic()
+    resumed = spawn_ddp(results, "--resume", "true")
+    assert resumed.wait(600) == 0, log_of(results)
+    print(f"--resume after killing rank {killed} finished in {time.monotonic() - start:.1f} s")
+    done = torch.load(last, map_location="cpu", weights_only=False)
+    assert done["global_step"] == EPOCHS * ITERS
+    assert (results / FOLD / "checkpoint_final.pth").is_file()
