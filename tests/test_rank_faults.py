@@ -123,3 +123,92 @@ def test_a_rank_killed_with_sigkill_ends_the_job_and_resume_finishes_the_run(tin
     done = torch.load(last, map_location="cpu", weights_only=False)
     assert done["global_step"] == EPOCHS * ITERS
     assert (results / FOLD / "checkpoint_final.pth").is_file()
+
+
+# -- the watchdog itself (rank_watchdog.py), without training ----------------------------------------------------------
+ARMED_CHILD = """
+import threading
+from resenc_lightning.rank_watchdog import watch_launcher
+with watch_launcher() as watchdog:
+    print("armed" if watchdog is not None else "off", flush=True)
+    threading.Event().wait()  # blocked, as a rank in a collective
+"""
+LAUNCHER = """
+import os, subprocess, sys
+env = {**os.environ, "RESENC_LIGHTNING_LAUNCHER": f"{os.getpid()}:0", "LOCAL_RANK": "1"}
+with open(sys.argv[1], "wb") as out:
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[2]], env=env, stdout=out, stderr=subprocess.STDOUT)
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def python_env() -> dict[str, str]:
+    src = str(Path(resenc_lightning.__file__).parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+
+
+def test_the_watchdog_ends_a_launched_rank_when_its_launcher_is_killed(tmp_path):
+    out = tmp_path / "child.log"
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(out), ARMED_CHILD], env=python_env(),
+                                stdout=subprocess.PIPE, text=True)
+    child = int(launcher.stdout.readline())
+    try:
+        assert wait_for(lambda: out.exists() and "armed" in out.read_text(), 60, launcher), out.read_text()
+        launcher.kill()
+        launcher.wait(10)
+        assert wait_for(lambda: not alive({child}), 10), "the launched rank outlived its launcher"
+        assert f"rank 1 (pid {child}) ends: rank 0 (pid {launcher.pid}), which started it, died" in out.read_text()
+    finally:
+        for pid in alive({child}):
+            os.kill(pid, signal.SIGKILL)
+        launcher.wait(10)
+
+
+def test_a_rank_whose_launcher_died_before_it_started_ends_at_once_with_exit_code_1():
+    env = {**python_env(), "RESENC_LIGHTNING_LAUNCHER": "999999999:0", "LOCAL_RANK": "1"}  # not its parent
+    proc = subprocess.run([sys.executable, "-c", ARMED_CHILD], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stdout == "" and "rank 1 " in proc.stderr and "rank 0 (pid 999999999)" in proc.stderr
+
+
+def test_no_watchdog_where_lightning_did_not_launch_the_rank(monkeypatch):
+    """srun / torchrun start every rank themselves: they set LOCAL_RANK, never our variable."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
+
+    from resenc_lightning import rank_watchdog as rw
+
+    slurm = {"SLURM_JOB_ID": "1", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "2",
+             "SLURM_NTASKS_PER_NODE": "2", "LOCAL_RANK": "1"}
+    assert rw.launcher_watchdog(slurm) is None
+    assert rw.launcher_watchdog({"LOCAL_RANK": "1", rw.LAUNCHER_ENV: f"{os.getpid()}:0"}) is None  # the launcher
+    assert rw.launcher_watchdog({rw.LAUNCHER_ENV: "123:0"}) is None  # no LOCAL_RANK: not a launched rank
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv(rw.LAUNCHER_ENV, raising=False)
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+
+    def trainer(env):
+        return SimpleNamespace(strategy=SimpleNamespace(cluster_environment=env), num_devices=2, node_rank=0)
+
+    assert not rw.starts_ranks(trainer(SLURMEnvironment()))  # srun created the processes
+    with rw.launching_ranks(trainer(SLURMEnvironment())):
+        assert rw.LAUNCHER_ENV not in os.environ
+    monkeypatch.delenv("LOCAL_RANK")
+    assert rw.starts_ranks(trainer(LightningEnvironment()))  # `python train.py --trainer.devices 2`
+    with rw.launching_ranks(trainer(LightningEnvironment())):
+        assert os.environ[rw.LAUNCHER_ENV] == f"{os.getpid()}:0"
+    assert rw.LAUNCHER_ENV not in os.environ  # nothing started after the fit inherits it
+
+
+def test_the_watchdog_stops_when_the_rank_is_done(monkeypatch):
+    from resenc_lightning import rank_watchdog as rw
+
+    monkeypatch.setenv(rw.LAUNCHER_ENV, f"{os.getppid()}:0")  # this process's parent plays the launcher
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with rw.watch_launcher() as watchdog:
+        assert watchdog is not None and watchdog.is_alive() and watchdog.rank == 1
+    watchdog.join(5)
+    assert not watchdog.is_alive()  # after the run the launcher may exit first without ending this rank
