@@ -118,9 +118,12 @@ def test_a_rank_killed_with_sigkill_ends_the_job_and_resume_finishes_the_run(tin
             os.kill(pid, signal.SIGKILL)
         proc.wait(30)
 
+    ended_by_watchdog = (results / "train.log").read_text(errors="replace").count("which started it, is gone")
     start = time.monotonic()
     resumed = spawn_ddp(results, "--resume", "true")
     assert resumed.wait(600) == 0, log_of(results)
+    full_log = (results / "train.log").read_text(errors="replace")
+    assert full_log.count("which started it, is gone") == ended_by_watchdog  # the finished run: no false alarm
     print(f"--resume after killing rank {killed} finished in {time.monotonic() - start:.1f} s")
     done = torch.load(last, map_location="cpu", weights_only=False)
     assert done["global_step"] == EPOCHS * ITERS
@@ -160,7 +163,7 @@ def test_the_watchdog_ends_a_launched_rank_when_its_launcher_is_killed(tmp_path)
         launcher.kill()
         launcher.wait(10)
         assert wait_for(lambda: not alive({child}), 10), "the launched rank outlived its launcher"
-        assert f"rank 1 (pid {child}) ends: rank 0 (pid {launcher.pid}), which started it, died" in out.read_text()
+        assert f"rank 1 (pid {child}) ends: rank 0 (pid {launcher.pid}), which started it, is gone" in out.read_text()
     finally:
         for pid in alive({child}):
             os.kill(pid, signal.SIGKILL)
@@ -214,3 +217,14 @@ def test_the_watchdog_stops_when_the_rank_is_done(monkeypatch):
         assert watchdog is not None and watchdog.is_alive() and watchdog.rank == 1
     watchdog.join(5)
     assert not watchdog.is_alive()  # after the run the launcher may exit first without ending this rank
+
+
+def test_a_launcher_that_finished_waits_for_the_ranks_it_started():
+    from types import SimpleNamespace
+
+    from resenc_lightning.rank_watchdog import outlive_started_ranks
+
+    ranks = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2)]
+    outlive_started_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=ranks))))
+    assert [r.returncode for r in ranks] == [0, 0]
+    outlive_started_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=None)))  # one process: nothing to wait

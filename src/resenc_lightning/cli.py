@@ -36,7 +36,7 @@ from resenc_lightning.fault_hooks import PauseAt
 from resenc_lightning.loggers import build_fold_loggers, defer_fold_loggers
 from resenc_lightning.module import ResEncUNetModule, drop_compiled_duplicates
 from resenc_lightning.plans import RunSpec, RunSpecError
-from resenc_lightning.rank_watchdog import launching_ranks, watch_launcher
+from resenc_lightning.rank_watchdog import launching_ranks, outlive_started_ranks, watch_launcher
 from resenc_lightning.resume import LAST_CHECKPOINT, ResumeError, resume_checkpoint, validation_checkpoint
 
 #: nnUNetTrainer's loop settings expressed as Trainer defaults (each overridable with --trainer.*).
@@ -403,6 +403,7 @@ def _main(args: list[str] | None) -> Path | None:
     fit(cli, ckpt_path)
     if cli.config.get("final_validation") and not cli.trainer.interrupted:
         validate(cli, "the trained network")
+    outlive_started_ranks(cli.trainer)  # none of them finds its launcher gone while it finishes
     out = cli.output_folder
     if cli.trainer.is_global_zero:
         print(f"Output folder: {out}", flush=True)

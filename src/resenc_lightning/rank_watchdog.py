@@ -7,13 +7,14 @@ any rank busy elsewhere until it next talks to rank 0 — together with their au
 leaves `<pid>:<rank>` in the environment its children inherit, and each child runs a daemon thread that ends the
 process (one line on stderr, exit code 1) once its parent is no longer that pid; its workers follow by
 `PR_SET_PDEATHSIG` (orphans.py). A thread, not a signal: a Python signal handler would wait for the main thread,
-which may be blocked in the collective. Ranks started by someone else (srun, torchrun) never inherit the variable,
-so there the watchdog stays off.
+which may be blocked in the collective. A launcher that finishes normally waits for its ranks, so the watchdog
+never fires then; ranks started by someone else (srun, torchrun) never inherit the variable, so it stays off there.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -48,6 +49,16 @@ def launching_ranks(trainer: Any) -> Iterator[None]:
             os.environ[LAUNCHER_ENV] = previous
 
 
+def outlive_started_ranks(trainer: Any, timeout_s: float = 120.0) -> None:
+    """After a run that ended normally, the launcher waits (bounded) for the ranks it started: they leave the last
+    collective with it, and one still tearing down must not find its parent gone and report it as a failure."""
+    for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return
+
+
 class LauncherWatchdog(threading.Thread):
     """Ends this process when its parent, the launcher, is gone (its parent pid changes)."""
 
@@ -69,7 +80,7 @@ class LauncherWatchdog(threading.Thread):
 
     def end(self) -> None:
         print(f"resenc-lightning: rank {self.rank} (pid {os.getpid()}) ends: rank {self.launcher_rank} "
-              f"(pid {self.launcher_pid}), which started it, died; continue the run with --resume.",
+              f"(pid {self.launcher_pid}), which started it, is gone; continue the run with --resume.",
               file=sys.stderr, flush=True)
         os._exit(EXIT_CODE)
 
