@@ -228,3 +228,15 @@ def test_a_launcher_that_finished_waits_for_the_ranks_it_started():
     outlive_started_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=ranks))))
     assert [r.returncode for r in ranks] == [0, 0]
     outlive_started_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=None)))  # one process: nothing to wait
+
+
+def test_under_ddp_checkpoints_are_written_atomically(tiny_dataset, tmp_path):
+    """Only rank 0 writes, through the strategy's CheckpointIO: the atomic one, so a kill -9 of any rank (or the
+    observer's SIGKILL of rank 0) mid-save leaves the previous last.ckpt whole."""
+    from resenc_lightning.atomic import AtomicCheckpointIO
+    from resenc_lightning.cli import build_cli
+
+    cli = build_cli(tiny_args(tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                              "--trainer.strategy", "ddp"))
+    assert type(cli.trainer.strategy).__name__ == "DDPStrategy"
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
