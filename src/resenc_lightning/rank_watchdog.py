@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -85,7 +85,7 @@ class LauncherWatchdog(threading.Thread):
         os._exit(EXIT_CODE)
 
 
-def launcher_watchdog(environ: dict[str, str] | None = None) -> LauncherWatchdog | None:
+def launcher_watchdog(environ: Mapping[str, str] | None = None) -> LauncherWatchdog | None:
     """The watchdog for this process if Lightning's launcher started it (LOCAL_RANK and our variable set, and the
     variable names another process), else None."""
     environ = os.environ if environ is None else environ
@@ -104,8 +104,8 @@ def launcher_watchdog(environ: dict[str, str] | None = None) -> LauncherWatchdog
 
 @contextmanager
 def watch_launcher() -> Iterator[LauncherWatchdog | None]:
-    """Around a launched rank's whole run (cli.main). On leaving it, the rank's collectives are over, so the launcher
-    may exit first without this rank being ended."""
+    """Around a launched rank's whole run (cli.main); elsewhere a no-op. Stopped on leaving: the rank's collectives
+    are over then, and the launcher may be gone without anything being wrong."""
     watchdog = launcher_watchdog()
     if watchdog is not None:
         if watchdog.launcher_gone():  # died before this rank got here
