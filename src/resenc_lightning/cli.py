@@ -37,6 +37,7 @@ from resenc_lightning.fault_hooks import PauseAt
 from resenc_lightning.loggers import build_fold_loggers, defer_fold_loggers
 from resenc_lightning.module import ResEncUNetModule, drop_compiled_duplicates
 from resenc_lightning.plans import RunSpec, RunSpecError
+from resenc_lightning.rank_watchdog import launching_ranks, outlive_started_ranks, watch_launcher
 from resenc_lightning.resume import LAST_CHECKPOINT, ResumeError, resume_checkpoint, validation_checkpoint
 
 #: nnUNetTrainer's loop settings expressed as Trainer defaults (each overridable with --trainer.*).
@@ -358,7 +359,8 @@ def fit(cli: ResEncLightningCLI, ckpt_path: str | None) -> None:
     """trainer.fit with the faults a user can act on turned into one-line errors."""
     trainer = cli.trainer
     try:
-        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        with launching_ranks(trainer):  # the ranks it starts end if this process dies (rank_watchdog.py)
+            trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
         signum = stop.received if stop is not None else None
@@ -380,6 +382,11 @@ def fit(cli: ResEncLightningCLI, ckpt_path: str | None) -> None:
 
 
 def main(args: list[str] | None = None) -> Path | None:
+    with watch_launcher():  # in a rank Lightning's launcher started: end it when the launcher dies
+        return _main(args)
+
+
+def _main(args: list[str] | None) -> Path | None:
     cli = build_cli(args)
     if cli.config.get("memcheck"):
         from resenc_lightning.memcheck import MemcheckError, run_memcheck
@@ -411,6 +418,7 @@ def main(args: list[str] | None = None) -> Path | None:
     fit(cli, ckpt_path)
     if cli.config.get("final_validation") and not cli.trainer.interrupted:
         validate(cli, "the trained network")
+    outlive_started_ranks(cli.trainer)  # none of them finds its launcher gone while it finishes
     out = cli.output_folder
     if cli.trainer.is_global_zero:
         print(f"Output folder: {out}", flush=True)
