@@ -62,7 +62,7 @@ def compile_toolchain(env: Mapping[str, str] | None = None, which: Callable[[str
 
 
 def third_party_imports(paths: list[Path] = GPU_PATH) -> set[str]:
-    """Top-level names of every absolute import (lazy ones inside functions included) that is not stdlib or ours."""
+    """Top-level names of every absolute import (lazy ones inside functions included) not stdlib, ours or scripts/."""
     files = [f for p in paths for f in (sorted(p.rglob("*.py")) if p.is_dir() else [p])]
     names: set[str] = set()
     for f in files:
@@ -71,7 +71,8 @@ def third_party_imports(paths: list[Path] = GPU_PATH) -> set[str]:
                 names.update(a.name.split(".")[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    return {n for n in names if n not in sys.stdlib_module_names and n not in ("resenc_lightning", "__future__")}
+    ours = {"resenc_lightning", "__future__"} | {f.stem for f in (ROOT / "scripts").glob("*.py")}
+    return {n for n in names if n not in sys.stdlib_module_names and n not in ours}
 
 
 def missing_packages(names: set[str] | None = None,
