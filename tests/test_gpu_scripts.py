@@ -121,8 +121,11 @@ def test_e2e_turns_compile_off_early_when_the_toolchain_is_missing(monkeypatch, 
 def test_e2e_budgets_cover_a_cold_compile_and_hand_slack_on():
     """The train phase's budget holds the measured start-up plus the cold-compile allowance (the old 150 s cap did
     not); a phase may use what the later phases' budgets leave; under MIN_PHASE_S it is not started."""
-    b = _load("gpu_e2e_budget")
-    on, off = b.phase_budgets(5, 2, compile_on=True), b.phase_budgets(5, 2, compile_on=False)
+    e2e = _load("gpu_e2e")
+    b = e2e.budget
+    cuda = e2e.argparse.Namespace(cpu_dry_run=False, iters=5, val_iters=2)
+    on, off = e2e.phase_budgets(cuda, compile_on=True), e2e.phase_budgets(cuda, compile_on=False)
+    assert e2e.phase_budgets(e2e.argparse.Namespace(cpu_dry_run=True, iters=5, val_iters=2), True) is None
     assert list(on) == ["train", "resume", "validate_only", "predict"]
     assert on["train"] >= b.STARTUP_S + b.COLD_COMPILE_S + 2 * 7 * b.STEP_S > 150
     assert all(off[k] < on[k] for k in ("train", "resume", "validate_only")) and off["predict"] == on["predict"]
