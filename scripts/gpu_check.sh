@@ -58,9 +58,13 @@ reserve() {  # seconds the steps after $1 in STEPS keep for themselves (e2e: E2E
 
 # the decision-rule arms (they build the dataset when the e2e step has not)
 step_arms() {
-    local arms_s=$(( $(left) - $(reserve arms) - 10 ))
+    local arms_s=$(( $(left) - $(reserve arms) - 30 ))  # each arm is killed at the deadline: +20 s covers the exit
+    if (( arms_s < 90 )); then  # one arm pair needs ~130 s (H200, 2026-11-27)
+        echo "== [$(( $(date +%s) - T0 ))s] stable-epoch arms skipped (${arms_s}s left; STEPS=arms runs them alone)"
+        return
+    fi
     echo "== [$(( $(date +%s) - T0 ))s] stable-epoch arms ours_on, ours_off (deadline ${arms_s}s)"
-    timeout -k 10 $(( arms_s + 60 )) python3 scripts/gpu_stable_epochs.py --out "$OUT" --arms ours_on ours_off \
+    timeout -k 10 $(( arms_s + 20 )) python3 scripts/gpu_stable_epochs.py --out "$OUT" --arms ours_on ours_off \
         --deadline-s "$arms_s" "$@" 2>&1 | quiet | tee "$OUT/log.txt"
 }
 

@@ -17,8 +17,8 @@ phase does not stop the later ones: each runs when the files it starts from exis
 compile toolchain every phase runs with compile off (nnUNet_compile=f) instead of failing at the first compiled
 step. Exit status 0 only if every phase passed.
 
-    python scripts/gpu_e2e.py --out results/e2e                    # CUDA, after gpu_stable_epochs.py built the data
-    python scripts/gpu_e2e.py --cpu-dry-run --out /tmp/e2e         # the same sequence on CPU, tiny plans (~1-2 min)
+    python scripts/gpu_e2e.py --out results/e2e                    # CUDA (builds the data or reuses the arms')
+    python scripts/gpu_e2e.py --cpu-dry-run --out /tmp/e2e         # the same on CPU, tiny plans (8-12 min, 2 busy cores)
 
 `--cpu-dry-run` builds a tiny dataset (nnunetv2's planner and preprocessor, then a shrunk copy of the plans) and
 runs the identical sequence on the CPU (where the defaults are compile off and 32-true; `--extra '--model.compile
