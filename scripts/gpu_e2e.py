@@ -241,14 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     set_paths(workdir)
     plans = args.plans
     t0 = time.time()
-    if args.cpu_dry_run:
-        os.environ.setdefault("nnUNet_n_proc_DA", "0")
-        os.environ.setdefault("nnUNet_def_n_proc", "2")
-        plans = prepare_cpu(workdir, plans)
-    else:
-        plans = prepare_cuda(plans)
-    report.add({"phase": "prepare", "status": "ok", "wall_s": round(time.time() - t0, 1),
-                "budget_s": None if args.cpu_dry_run else budget.PREPARE_S})
+    prepared = {"phase": "prepare", "status": "ok", "budget_s": None if args.cpu_dry_run else budget.PREPARE_S}
+    try:
+        if args.cpu_dry_run:
+            os.environ.setdefault("nnUNet_n_proc_DA", "0")
+            os.environ.setdefault("nnUNet_def_n_proc", "2")
+            plans = prepare_cpu(workdir, plans)
+        else:
+            plans = prepare_cuda(plans)
+    except Exception as err:  # no data, no phase: record why before the traceback
+        report.add({**prepared, "status": "FAILED", "wall_s": round(time.time() - t0, 1),
+                    "problems": [f"{type(err).__name__}: {err}"]})
+        raise
+    report.add({**prepared, "wall_s": round(time.time() - t0, 1)})
     fold = Path(os.environ["nnUNet_results"]) / DATASET_NAME / f"{TRAINER}__{plans}__3d_fullres" / "fold_0"
     shutil.rmtree(fold.parent, ignore_errors=True)  # a fresh run, as on a new machine
     images = sorted((Path(os.environ["nnUNet_raw"]) / DATASET_NAME / "imagesTr").glob("*_0000.nii.gz"))[:2]
