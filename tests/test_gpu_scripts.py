@@ -194,8 +194,9 @@ def test_install_ranges_keep_a_gpu_box_torch_and_ci_keeps_its_pair():
     """pyproject declares ranges (the box's torch 2.11 and Lightning 2.6.6 satisfy them, 2.9.* never), no
     torchvision (nothing imports it); CI's pair lives in constraints/ci.txt, used by the README's install command,
     which .ci/run runs verbatim."""
-    import tomllib
     from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     root = SCRIPTS.parent
     deps = {Requirement(d).name: Requirement(d).specifier
