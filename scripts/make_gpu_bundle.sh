@@ -9,11 +9,19 @@
 # Run from the repo root on the development machine:  bash scripts/make_gpu_bundle.sh
 # Idempotent: wheels already in gpu_bundle/wheels are reused. On the GPU machine:
 #   source scripts/gpu_env.sh
+#
+# PY_VERSION (default 3.12, the GPU box's) picks the wheels' Python tag and BUNDLE (default gpu_bundle) the folder:
+# the same pins for every version, only the cpXY tag of the compiled wheels differs. The CPU rehearsal of the bundle
+# route (scripts/rehearse_gpu_bundle.sh) builds one for this machine's Python:  PY_VERSION=3.11 BUNDLE=/tmp/b bash ...
+# The packages of the box's image are listed in scripts/gpu_box_image.txt; tests/test_gpu_scripts.py checks that
+# PKGS plus that list cover every third-party import of src/resenc_lightning and the GPU scripts.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-BUNDLE=gpu_bundle
+PY_VERSION=${PY_VERSION:-3.12}
+PY_TAG=cp${PY_VERSION//./}
+BUNDLE=${BUNDLE:-gpu_bundle}
 WHEELS=$BUNDLE/wheels
 STUBS=$BUNDLE/stubs
 MAX_MIB=60
@@ -36,6 +44,7 @@ PKGS=(
     connected-components-3d==4.1.1
     nibabel==5.4.2
     yacs==0.1.8
+    monai==1.6.1                         # final validation's HD95 / surface Dice (validation.py)
     jsonargparse==4.53.0                 # LightningCLI (our cli.py)
     docstring_parser==0.18.0             # jsonargparse[signatures]
     typeshed_client==2.15.0              # jsonargparse[signatures]
@@ -95,7 +104,7 @@ for spec in "${PKGS[@]}"; do
     else
         echo "download $spec"
         pip_ download -q --no-deps --only-binary=:all: \
-            --python-version 3.12 --implementation cp \
+            --python-version "$PY_VERSION" --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
             --platform manylinux_2_17_x86_64 \
             -d "$WHEELS" "$spec"
@@ -119,7 +128,7 @@ done
 # Anything that is not a wheel (e.g. an sdist pip left behind) does not belong here.
 find "$WHEELS" -maxdepth 1 -type f ! -name '*.whl' -print -delete
 
-# --- 3. every wheel must install on CPython 3.12 / manylinux x86_64 -----------------------------
+# --- 3. every wheel must install on CPython $PY_VERSION / manylinux x86_64 ------------------------
 bad=0
 for whl in "$WHEELS"/*.whl; do
     b=$(basename "$whl" .whl)
@@ -129,11 +138,11 @@ for whl in "$WHEELS"/*.whl; do
     ok=0
     if [[ "$abitag" == none && "$plattag" == any && "$pytag" =~ (^|\.)py3($|\.) ]]; then
         ok=1
-    elif [[ ( "$abitag" == abi3 || "$abitag" == cp312 ) && "$plattag" =~ manylinux.*x86_64 ]]; then
+    elif [[ ( "$abitag" == abi3 || "$abitag" == "$PY_TAG" ) && "$plattag" =~ manylinux.*x86_64 ]]; then
         ok=1
     fi
     if [[ $ok == 0 ]]; then
-        echo "ERROR: $b.whl is not py3-none-any / abi3 / cp312 manylinux x86_64" >&2
+        echo "ERROR: $b.whl is not py3-none-any / abi3 / $PY_TAG manylinux x86_64" >&2
         bad=1
     fi
 done

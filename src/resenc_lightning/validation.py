@@ -70,14 +70,23 @@ def run_final_validation(network: torch.nn.Module, spec: RunSpec, device: torch.
         # nnU-Net switches DS on here unconditionally; restoring keeps a DS-off network DS-off
         recipe.set_deep_supervision(network, had_deep_supervision)
     result = {"summary": str(folder / "validation" / "summary.json"), **log.summary}
-    if view.local_rank == 0:
-        result["summary_surface"] = str(write_surface_summary(spec, folder / "validation", surface_tolerance_mm))
+    if view.local_rank == 0 and (surface := write_surface_summary(spec, folder / "validation", surface_tolerance_mm)):
+        result["summary_surface"] = str(surface)
     return result
 
 
-def write_surface_summary(spec: RunSpec, validation_folder: Path, tolerance_mm: float = 1.0) -> Path:
-    """Per-case, per-class HD95 (mm) and normalised surface Dice at `tolerance_mm`, with MONAI's metrics."""
-    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+def write_surface_summary(spec: RunSpec, validation_folder: Path, tolerance_mm: float = 1.0) -> Path | None:
+    """Per-case, per-class HD95 (mm) and normalised surface Dice at `tolerance_mm`, with MONAI's metrics.
+
+    These metrics are extra to nnU-Net's summary.json: without MONAI (an install that skipped it, e.g. a GPU box fed
+    only a bundle of wheels) one line says so and None is returned, rather than failing a finished run's validation.
+    """
+    try:
+        from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+    except ImportError as err:
+        print(f"validation/summary_surface.json skipped: MONAI cannot be imported ({err}); pip install monai",
+              flush=True)
+        return None
 
     reader = spec.plans_manager.image_reader_writer_class()
     lm = spec.plans_manager.get_label_manager(spec.dataset_json)
