@@ -68,10 +68,10 @@ class SlowRankProbe(_RankJson):
         if self._in_warm_up and module.training:
             self.record["warm_up_train_forwards"] += 1
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
         pin = next(c for c in trainer.callbacks if isinstance(c, CudnnPinning))
-        if pin.history:
-            self.record["retries"] = pin.history[-1]["retries"]
+        self.record["retries"] = pin.history[-1]["retries"] if pin.history else None
+        super().on_train_epoch_end(trainer, pl_module)
 
 
 class DDPSplitProbe(_RankJson):

@@ -11,7 +11,8 @@ bucket split (no overlap of the gradient all-reduce with the backward). So the w
 * calls ``strategy.training_step`` / ``strategy.validation_step``: the precision plugin's step contexts and,
   under DDP, the forward redirection through ``DDP.forward``; backward runs through DDP's reducer;
 * runs validation under the grad mode Lightning's fit-time validation loop decides (its own
-  ``_no_grad_context``: ``inference_mode`` or ``no_grad`` by backend and the loop's setting).
+  ``_no_grad_context``: ``inference_mode`` or ``no_grad`` by backend and the loop's setting), on a batch copied
+  under that mode as the loop's batch is (inference tensors under ``inference_mode``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loops.utilities import _no_grad_context
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from resenc_lightning import recipe
 
@@ -63,8 +65,14 @@ def train_step(trainer: pl.Trainer, batch: dict[str, Any]) -> None:
 
 
 def validation_step(trainer: pl.Trainer, batch: dict[str, Any]) -> None:
+    """The loop fetches and moves its batch under its grad mode: under inference_mode the step gets inference tensors,
+    which dynamo guards on (their dispatch keys), so the warm-up's validation batch is copied under that mode too."""
     trainer.model.eval()
-    as_validation_loop(trainer, lambda: trainer.strategy.validation_step(batch, 0))
+
+    def step() -> None:
+        trainer.strategy.validation_step(apply_to_collection(batch, torch.Tensor, torch.clone), 0)
+
+    as_validation_loop(trainer, step)
 
 
 def as_validation_loop(trainer: pl.Trainer, fn: Callable[[], Any]) -> Any:
