@@ -50,7 +50,7 @@ def test_ranks_agree_on_the_warm_up_retry(tiny_dataset, results_dir, tmp_path):
     """2d: batch Dice, so every warm-up step all-gathers (and DDP all-reduces the gradients). A resumed run where only
     rank 1 measures a slow warm-up: all ranks retry together and the run completes."""
     code, out = run_train(results_dir, "SlowRankProbe", {"out_dir": str(tmp_path / "probe")}, "--configuration", "2d",
-                          *PIN_ON_CPU, devices=2, timeout=300, epochs=1, iters=2, val_iters=1)
+                          *PIN_ON_CPU, devices=2, timeout=180, epochs=1, iters=2, val_iters=1)
     assert code == 0, f"the DDP run {'hung' if code is None else f'exited {code}'}:\n{out}"
     ranks = read_ranks(tmp_path / "probe", 2)
     assert [r["rank"] for r in ranks] == [0, 1]

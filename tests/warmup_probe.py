@@ -45,12 +45,6 @@ class SlowRankProbe(_RankJson):
         real = pin.warm_up
 
         def warm_up(trainer, pl_module):
-            if pin.reference is None:  # what --resume restores: the fresh run's reference at these shapes
-                train, val = pin.shapes(trainer, pl_module)
-                pin.load_state_dict({"reference": {
-                    "train_shape": list(train), "val_shape": list(val), "device": "cpu", "train_step_s": 1.0,
-                    "precision": type(trainer.precision_plugin).__name__, "peak_reserved": 0, "free_before": 0,
-                }, "history": []})
             self.record["warm_ups"] += 1
             self._in_warm_up = True
             try:
@@ -63,6 +57,15 @@ class SlowRankProbe(_RankJson):
         pin.warm_up = warm_up
         pl_module.network.register_forward_pre_hook(self._count)
         self.record["rank"] = trainer.global_rank
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """What --resume restores before on_train_start: the fresh run's reference at these shapes."""
+        pin = next(c for c in trainer.callbacks if isinstance(c, CudnnPinning))
+        train, val = pin.shapes(trainer, pl_module)
+        pin.load_state_dict({"reference": {
+            "train_shape": list(train), "val_shape": list(val), "device": "cpu", "train_step_s": 1.0,
+            "precision": type(trainer.precision_plugin).__name__, "peak_reserved": 0, "free_before": 0,
+        }, "history": []})
 
     def _count(self, module, args) -> None:
         if self._in_warm_up and module.training:

@@ -15,7 +15,8 @@ the CPU, and emptied the cache):
    them resident (0.38 GiB for ResEnc L). The optimizer state is moved to the CPU for the warm-up
    and copied back afterwards (same values), and if the device still has more free memory than the
    fresh run had at its warm-up, a padding block takes up the difference, so cuDNN's free-memory
-   query returns what it returned in the fresh run;
+   query returns what it returned in the fresh run (under a fraction cap the cap grows by the pad while
+   it lives, so the workspace headroom stays the fresh run's: memory_pad.py);
 3. with ``cudnn.benchmark=True`` runs training steps (forward, loss, backward) and a validation step on a
    batch built like a real one, through the strategy as Lightning's loops do (warmup_steps.py: the graphs
    compiled here are the ones training uses, DDP wrapping included), with a private RNG, restoring
