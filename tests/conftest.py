@@ -65,6 +65,14 @@ def tiny_args(results_dir: Path, *extra: str, epochs: int = 2, iters: int = 3, v
     ]
 
 
+@pytest.fixture(autouse=True)
+def restore_deterministic_algorithms():
+    """Lightning's `deterministic` sets torch's process-wide flag and never unsets it; the cuDNN warm-up reads it."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 @pytest.fixture()
 def restore_cudnn_benchmark():
     """Tests that run the cuDNN warm-up leave torch.backends.cudnn.benchmark as they found it."""

@@ -154,13 +154,13 @@ def n_proc_da() -> int:
 
 def random_label_loss(pl_module: torch.nn.Module, output: Any, generator: torch.Generator) -> torch.Tensor:
     """The module's own loss on random labels shaped like the outputs: the kernels and memory of a real step
-    without real data (used by the warm-up and by --memcheck)."""
+    without real data (used by --memcheck). The labels are int16, as nnUNetDataLoader's targets are."""
     outputs = output if isinstance(output, (list, tuple)) else [output]
     lm = getattr(pl_module, "label_manager", None)
     loss_fn = getattr(pl_module, "loss", None)
     if lm is None or loss_fn is None or lm.has_regions or lm.has_ignore_label:
         return sum(o.float().mean() for o in outputs)
     n = outputs[0].shape[1]
-    targets = [torch.randint(0, n, (o.shape[0], 1, *o.shape[2:]), generator=generator, device=o.device)
-               for o in outputs]
+    targets = [torch.randint(0, n, (o.shape[0], 1, *o.shape[2:]), generator=generator, device=o.device,
+                             dtype=torch.int16) for o in outputs]
     return loss_fn(output, targets if isinstance(output, (list, tuple)) else targets[0])

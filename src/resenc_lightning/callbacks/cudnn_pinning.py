@@ -15,17 +15,24 @@ the CPU, and emptied the cache):
    them resident (0.38 GiB for ResEnc L). The optimizer state is moved to the CPU for the warm-up
    and copied back afterwards (same values), and if the device still has more free memory than the
    fresh run had at its warm-up, a padding block takes up the difference, so cuDNN's free-memory
-   query returns what it returned in the fresh run;
-3. with ``cudnn.benchmark=True`` runs forward+backward at the exact training batch shape and a
-   forward at the validation shape, through the module (so precision, memory format and compile
-   are the run's), in the training thread, with a private RNG, restoring gradients, buffers and
-   all RNG streams afterwards: weights, optimizer state, norm statistics and RNG are unchanged;
+   query returns what it returned in the fresh run (under a fraction cap the cap grows by the pad while
+   it lives, so the workspace headroom stays the fresh run's: memory_pad.py);
+3. with ``cudnn.benchmark=True`` runs training steps (forward, loss, backward) and a validation step on a
+   batch built like a real one, through the strategy as Lightning's loops do (warmup_steps.py: the graphs
+   compiled here are the ones training uses, DDP wrapping included), with a private RNG, restoring
+   gradients, buffers, the module's per-step accumulators and all RNG streams afterwards: weights,
+   optimizer state, norm statistics, pseudo-Dice and RNG are unchanged;
 4. sets ``cudnn.benchmark=False``: the picks are frozen (cached plans keep being used; a new shape
    would get the heuristic pick rather than a benchmark under other memory conditions).
 
 The warm-up step time, peak memory and shapes go into the callback state (the checkpoint). A
 resumed run repeats the warm-up and compares with the fresh run's reference; slower beyond
 ``tolerance`` it releases caches and re-measures (``max_retries``), then warns with both numbers.
+
+Under DDP every warm-up step issues collectives (DDP's gradient all-reduce; batch Dice's all-gather), so
+each decision that changes how many steps run (warm up at all, retry) is agreed across ranks: a rank that
+cannot warm up stops all, a rank that is slow makes all retry. With deterministic algorithms on, cuDNN must
+not benchmark, so there is no warm-up at all (one info line).
 """
 
 from __future__ import annotations
@@ -38,8 +45,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from resenc_lightning import rank_report
-from resenc_lightning.recipe import random_label_loss
+from resenc_lightning import rank_report, warmup_steps
+from resenc_lightning.memory_pad import FreeMemoryPad, pad_free_memory
 from resenc_lightning.rng import collect_rng_states, set_rng_states
 
 
@@ -74,18 +81,16 @@ class CudnnPinning(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
             return
-        device = pl_module.device
-        if device.type != "cuda" and not self.run_on_cpu:
-            rank_report.info(f"CudnnPinning: device is {device.type}, no cuDNN algorithms to pin.")
+        reason = self.skip_reason(pl_module.device)
+        if not trainer.strategy.reduce_boolean_decision(reason is None, all=True):  # collectives: all ranks or none
+            rank_report.info(reason or "CudnnPinning: another rank cannot warm up, so no rank does (its reason is in "
+                                       "its log).")
             return
         self._benchmark_before = torch.backends.cudnn.benchmark
-        record = self.warm_up(trainer, pl_module)
         resumed = self._restored and self.reference is not None
-        record["resumed"] = resumed
-        record["epoch"] = trainer.current_epoch
-        if resumed and self._comparable(record):
-            record = self._compare_and_retry(trainer, pl_module, record)
-        elif self.reference is None or not self._comparable(record):
+        record = {**self.warm_up(trainer, pl_module), "resumed": resumed, "epoch": trainer.current_epoch}
+        record = self._retry_while_slow(trainer, pl_module, record)
+        if self.reference is None or not self._comparable(record):
             self.reference = dict(record)
         self.history.append(record)
         rank_report.info(
@@ -94,6 +99,15 @@ class CudnnPinning(pl.Callback):
             + (f" (fresh reference {self.reference['train_step_s'] * 1000:.1f} ms)" if resumed else "")
             + "; cuDNN algorithms pinned (benchmark off)."
         )
+
+    def skip_reason(self, device: torch.device) -> str | None:
+        """Why this rank does not warm up (None: it does)."""
+        if device.type != "cuda" and not self.run_on_cpu:
+            return f"CudnnPinning: device is {device.type}, no cuDNN algorithms to pin."
+        if torch.are_deterministic_algorithms_enabled() or torch.backends.cudnn.deterministic:
+            return ("CudnnPinning: deterministic algorithms are on, so cuDNN must not benchmark: no warm-up, "
+                    "cudnn.benchmark left as the Trainer set it.")
+        return None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._benchmark_before is not None:
@@ -121,43 +135,39 @@ class CudnnPinning(pl.Callback):
         rng = collect_rng_states()
         buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
         grads = {p: p.grad for p in pl_module.parameters()}
+        accumulators = {k: list(v) for k, v in vars(pl_module).items() if type(v) is list}  # losses, Dice rows
         was_training = pl_module.training
+        generator = torch.Generator().manual_seed(0)
+        batch = warmup_steps.synthetic_batch(pl_module, train_shape[0], generator)
         gc.collect()
         if on_cuda:
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+        batch = warmup_steps.on_device(trainer, batch)
         offloaded = self._offload_optimizer_state(trainer, device) if self.equalize_optimizer_state else []
         if on_cuda:
             torch.cuda.empty_cache()
         free_before = torch.cuda.mem_get_info(device)[0] if on_cuda else 0
         pad = self._pad_to_reference(device, free_before) if self.equalize_optimizer_state else None
         free_at_benchmark = torch.cuda.mem_get_info(device)[0] if on_cuda else 0
-        generator = torch.Generator(device=device).manual_seed(0)
         torch.backends.cudnn.benchmark = True
         step_times: list[float] = []
         try:
-            pl_module.train()
             for _ in range(self.warmup_steps):
-                x = torch.randn(train_shape, generator=generator, device=device)
                 start = _now(device)
-                with trainer.precision_plugin.train_step_context():
-                    output = pl_module(x)
-                    loss = random_label_loss(pl_module, output, generator)
-                loss.backward()
+                warmup_steps.train_step(trainer, batch)
                 step_times.append(_now(device) - start)
                 for p in pl_module.parameters():
                     p.grad = None
-                del output, loss
-            pl_module.eval()
-            x = torch.randn(val_shape, generator=generator, device=device)
             start = _now(device)
-            with torch.no_grad(), trainer.precision_plugin.val_step_context():
-                pl_module(x)
+            warmup_steps.validation_step(trainer, batch)
             val_time = _now(device) - start
         finally:
             torch.backends.cudnn.benchmark = False  # freeze: nothing re-benchmarks under other memory later
-            del pad
+            if pad is not None:
+                pad.release()
+            del batch
             self._restore_optimizer_state(offloaded, device)
             for p, g in grads.items():
                 p.grad = g
@@ -165,7 +175,9 @@ class CudnnPinning(pl.Callback):
                 for name, b in pl_module.named_buffers():
                     if name in buffers:
                         b.copy_(buffers[name])
-            pl_module.train(was_training)
+            for name, values in accumulators.items():
+                getattr(pl_module, name)[:] = values
+            trainer.model.train(was_training)
             set_rng_states(rng)
         timed = step_times[1:] or step_times
         return {
@@ -175,6 +187,7 @@ class CudnnPinning(pl.Callback):
             "peak_reserved": torch.cuda.max_memory_reserved(device) if on_cuda else 0,
             "free_before": int(free_before), "free_at_benchmark": int(free_at_benchmark),
             "offloaded_bytes": int(sum(t.numel() * t.element_size() for *_, t in offloaded)),
+            "pad_bytes": pad.nbytes if pad is not None else 0,
             "device": _device_name(device),
             "precision": str(trainer.precision_plugin.__class__.__name__), "retries": 0,
         }
@@ -196,36 +209,43 @@ class CudnnPinning(pl.Callback):
         for state, key, value in moved:
             state[key] = value.to(device)
 
-    def _pad_to_reference(self, device: torch.device, free: int) -> torch.Tensor | None:
-        """Occupy what is free beyond the fresh run's free memory at its warm-up (resumed runs only)."""
+    def _pad_to_reference(self, device: torch.device, free: int) -> FreeMemoryPad | None:
+        """Occupy what is free beyond the fresh run's free memory at its warm-up (resumed runs only), without
+        taking it out of a fraction cap's headroom (memory_pad.py)."""
         ref = self.reference or {}
         target = ref.get("free_at_benchmark")
         if device.type != "cuda" or not self._restored or not target or ref.get("device") != _device_name(device):
             return None
-        extra = int(free) - int(target)
-        if extra <= 2 * 1024**2:
-            return None
-        return torch.empty(extra, dtype=torch.uint8, device=device)
+        pad, why_not = pad_free_memory(device, free, int(target))
+        if why_not:
+            rank_report.warn(f"CudnnPinning: {why_not}; warming up with {free / 2**30:.2f} GiB free instead of the "
+                             f"fresh run's {int(target) / 2**30:.2f} GiB.")
+        return pad
 
     # -- resume comparison -----------------------------------------------------------------------------------
     def _comparable(self, record: dict[str, Any]) -> bool:
         ref = self.reference
         return bool(ref) and all(ref.get(k) == record.get(k) for k in ("train_shape", "val_shape", "device", "precision"))
 
-    def _compare_and_retry(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           record: dict[str, Any]) -> dict[str, Any]:
-        ref = self.reference
-        assert ref is not None
-        limit = ref["train_step_s"] * (1 + self.tolerance)
+    def _slow(self, record: dict[str, Any]) -> bool:
+        """A resumed warm-up slower than the fresh reference beyond tolerance."""
+        if not record["resumed"] or not self._comparable(record):
+            return False
+        return record["train_step_s"] > self.reference["train_step_s"] * (1 + self.tolerance)
+
+    def _retry_while_slow(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                          record: dict[str, Any]) -> dict[str, Any]:
         retries = 0
-        while record["train_step_s"] > limit and retries < self.max_retries:
+        # every rank retries when any rank is slow: each warm-up issues collectives, their count must match
+        while retries < self.max_retries and trainer.strategy.reduce_boolean_decision(self._slow(record), all=False):
             retries += 1
             gc.collect()
             if pl_module.device.type == "cuda":
                 torch.cuda.empty_cache()
             record = {**self.warm_up(trainer, pl_module), "resumed": True, "epoch": trainer.current_epoch}
         record["retries"] = retries
-        if record["train_step_s"] > limit:
+        if self._slow(record):
+            ref = self.reference
             self.warning = (
                 f"CudnnPinning: resumed warm-up step {record['train_step_s'] * 1000:.1f} ms is "
                 f"{record['train_step_s'] / ref['train_step_s'] - 1:+.0%} vs the fresh run's "
