@@ -32,7 +32,7 @@ from resenc_lightning.callbacks.memory_cap import CudaMemoryCap, MemoryTargetErr
 from resenc_lightning.callbacks.nnunet_export import NnUNetExport
 from resenc_lightning.callbacks.rng_state import RNGStateCheckpoint
 from resenc_lightning.data import NnUNetDataModule
-from resenc_lightning.fault_hooks import PauseAt
+from resenc_lightning.fault_hooks import PauseAt, pause_in_final_validation
 from resenc_lightning.loggers import build_fold_loggers, defer_fold_loggers
 from resenc_lightning.module import ResEncUNetModule, drop_compiled_duplicates
 from resenc_lightning.plans import RunSpec, RunSpecError
@@ -263,8 +263,13 @@ def validate(cli: ResEncLightningCLI, source: str) -> dict:
     model = cli.model.to(device)
     if cli.datamodule.batch_size is None:
         cli.datamodule.setup("validate")
-    result = run_final_validation(model.network, cli.datamodule.spec, device, model.inference_allowed_mirroring_axes,
-                                  int(cli.datamodule.batch_size), save_probabilities=bool(cli.config.get("npz")))
+    pause = pause_in_final_validation(model.network, lambda: False)  # test-only
+    try:
+        result = run_final_validation(model.network, cli.datamodule.spec, device, model.inference_allowed_mirroring_axes,
+                                      int(cli.datamodule.batch_size), save_probabilities=bool(cli.config.get("npz")))
+    finally:
+        if pause is not None:
+            pause.remove()
     if cli.trainer.is_global_zero:
         dice = result.get("final_val/foreground_dice")
         print(f"Final validation of {source}: foreground mean Dice {dice:.4f}; {result['summary']}, "
