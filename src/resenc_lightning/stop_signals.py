@@ -90,8 +90,14 @@ class FlagOnlySignalConnector(_SignalConnector):
 
     @property
     def received_sigterm(self) -> bool:  # type: ignore[override]
-        """Agreed by the ranks; a single process needs no agreement (its own flag is Lightning's SIGTERM flag)."""
-        return self._agreed or (self.trainer.world_size == 1 and self.signals.received is not None)
+        """Agreed by the ranks. One process needs no agreement: Lightning's own checks act on its flag directly, except
+        in validation or at an epoch's last batch, where GracefulStop stops after the validation (a checkpoint taken
+        mid-validation resumes without that epoch's validation: Lightning skips it)."""
+        if self._agreed:
+            return True
+        if self.trainer.world_size > 1 or self.signals.received is None:
+            return False
+        return not (self.trainer.validating or self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
     @received_sigterm.setter
     def received_sigterm(self, value: bool) -> None:

@@ -16,11 +16,11 @@ validation; `--resume` (training done: straight to the final validation) or `--v
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
-from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -60,7 +60,7 @@ class _Stop:
             elif self.store.check([STOP_KEY]):
                 signum = int(self.store.get(STOP_KEY))
         except (RuntimeError, ValueError):  # the store's host (rank 0) has gone: it stopped, the job is ending
-            signum = signum or 15
+            signum = signum or int(signal.SIGTERM)
         if signum is not None:
             raise ValidationStopped(signum)
 
@@ -90,6 +90,17 @@ class _StopAwareDist:
 
 
 @contextmanager
+def _barriers_on_store(stop: _Stop) -> Iterator[None]:
+    """nnU-Net's validation module sees `_StopAwareDist` as its `dist` for the duration."""
+    original = nnunet_trainer_module.dist
+    nnunet_trainer_module.dist = _StopAwareDist(stop)
+    try:
+        yield
+    finally:
+        nnunet_trainer_module.dist = original
+
+
+@contextmanager
 def stop_on_signal(network: torch.nn.Module, local: Callable[[], int | None]) -> Iterator[None]:
     """Around `run_final_validation`: abandon it (ValidationStopped on every rank) once any rank's `local()` is set.
 
@@ -98,7 +109,7 @@ def stop_on_signal(network: torch.nn.Module, local: Callable[[], int | None]) ->
     stop = _Stop(local)
     handle = network.register_forward_pre_hook(lambda module, args: stop.check())
     try:
-        with mock.patch.object(nnunet_trainer_module, "dist", _StopAwareDist(stop)):
+        with _barriers_on_store(stop):
             yield
         if local() is not None:  # this rank was signalled after its last forward: still a stop
             raise ValidationStopped(int(local()))

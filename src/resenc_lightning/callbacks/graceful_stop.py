@@ -3,8 +3,9 @@
 
 The signal handlers only set a flag (stop_signals.py): a handler runs at an arbitrary point of the main thread,
 on each rank at a different one, so it must not save, print or issue a collective. This callback acts on the
-flag at boundaries every rank reaches in the same order: the end of each training step and of each validation
-batch. There the ranks agree (a max all-reduce of what each was asked: SLURM, Ctrl+C or `kill` may signal one
+flag at boundaries every rank reaches in the same order: the end of each training step and the end of each
+validation (its last batch; an epoch's last step defers to it, so no checkpoint is taken mid-validation). There
+the ranks agree (a max all-reduce of what each was asked: SLURM, Ctrl+C or `kill` may signal one
 rank, some, or all, not necessarily within the same step); if any rank was signalled, every rank sets Lightning's
 `received_sigterm` at the same boundary, so Lightning's SIGTERM path (its per-batch broadcast, SIGTERMException
 after this batch) runs identically on all ranks, and `on_exception` saves with everyone present. A requeue request
@@ -70,33 +71,42 @@ class GracefulStop(pl.Callback):
         return self.signals.received is not None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._agree(trainer, f"step {trainer.global_step}")
+        self._agree(trainer)
+        # On an epoch's last batch Lightning validates next: stop after that validation (see on_validation_batch_end)
+        if self.received is not None and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            request_stop_after_step(trainer)  # Lightning raises SIGTERMException after this step -> on_exception
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._agree(trainer, f"this validation batch (epoch {trainer.current_epoch})")
+        # A signal during validation stops after its last batch: a checkpoint taken mid-validation would resume
+        # without this epoch's validation (Lightning skips it), losing nnU-Net's pseudo-Dice/EMA entry for the epoch.
+        if trainer.sanity_checking or not trainer.fit_loop.epoch_loop.val_loop.batch_progress.is_last_batch:
+            return
+        self._agree(trainer)
+        if self.received is not None:
+            request_stop_after_step(trainer)  # SIGTERMException once the validation has ended
 
-    def _agree(self, trainer: pl.Trainer, where: str) -> None:
+    def _agree(self, trainer: pl.Trainer) -> None:
+        """The ranks agree whether any was signalled (one max all-reduce, at the same boundary on every rank)."""
         if self.received is not None:
             return
         code = self.signals.code()
-        if trainer.world_size > 1:  # one tiny collective at the same boundary on every rank, signalled or not
+        if trainer.world_size > 1:
             agreed = torch.tensor(code, dtype=torch.int64, device=trainer.strategy.root_device)
             code = int(trainer.strategy.reduce(agreed, reduce_op="max").item())
         if code == 0:
             return
         self.requeue = code > REQUEUE_OFFSET
         self.received = code - REQUEUE_OFFSET if self.requeue else code
-        name = signal.Signals(self.received).name
         then = "save an hpc checkpoint and requeue the job" if self.requeue else f"save {self.checkpoint_path}"
-        rank_zero_info(f"Received {name}: stopping after {where} to {then} (press Ctrl+C again to stop at once, "
-                       f"without a checkpoint).")
-        request_stop_after_step(trainer)  # Lightning raises SIGTERMException after this batch -> on_exception
+        rank_zero_info(f"Received {signal.Signals(self.received).name} at step {trainer.global_step}: every rank stops "
+                       f"at the next step or validation end to {then} (press Ctrl+C again to stop at once, without a "
+                       f"checkpoint).")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
             return
         if self.received is None and trainer.world_size == 1:  # one process: Lightning stopped on our flag at once
-            self._agree(trainer, f"step {trainer.global_step}")
+            self._agree(trainer)
         batches = trainer.train_dataloader
         if isinstance(batches, RewindableBatches):  # the RNGs saved must be the first untrained batch's (undo prefetch)
             batches.rewind_to(int(trainer.fit_loop.epoch_loop.batch_progress.current.completed))
