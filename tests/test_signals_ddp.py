@@ -121,3 +121,30 @@ def test_a_signal_stops_every_rank_together_and_resume_continues(tiny_dataset, t
     assert set(lengths.values()) == {EPOCHS}, f"nnU-Net's per-epoch log lost an epoch across the stop: {lengths}"
     if phase == "final":
         assert (results / FOLD / "validation" / "summary.json").is_file()
+
+
+def test_lightning_never_installs_its_handlers_and_ours_stay_until_restored():
+    """Lightning registers its handlers in Trainer._run after setup and removes them at fit's end (before the final
+    validation); under SLURM its requeue handler saves inside the handler. Ours replace that registration: a requeue
+    signal at any point only sets the flag, and the handlers stay until the very end."""
+    import lightning.pytorch as pl
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from resenc_lightning.stop_signals import StopSignals, install_on
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         plugins=[SLURMEnvironment(auto_requeue=True)])
+    signals = StopSignals()
+    assert install_on(trainer, signals)
+    try:
+        trainer._signal_connector.register_signal_handlers()  # what Trainer._run does after setup
+        os.kill(os.getpid(), signal.SIGUSR1)  # the requeue signal: a flag, no checkpoint, no collective
+        assert signals.requeue_requested and signals.code() > signal.SIGUSR1
+        trainer._signal_connector.teardown()  # fit's end: still ours, through the final validation
+        assert all(signal.getsignal(s) == signals._handle for s in before)
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl+C stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signals.restore()
+    assert {s: signal.getsignal(s) for s in before} == before
