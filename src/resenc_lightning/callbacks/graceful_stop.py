@@ -1,5 +1,5 @@
 """Stop cleanly on SIGTERM / SIGUSR1 / first Ctrl+C / the SLURM requeue signal: every rank finishes the same step
-(or validation batch), writes last.ckpt (or the hpc checkpoint and requeues), and stops the workers.
+(or validation), writes last.ckpt (or the hpc checkpoint and requeues), and stops the workers.
 
 The signal handlers only set a flag (stop_signals.py): a handler runs at an arbitrary point of the main thread,
 on each rank at a different one, so it must not save, print or issue a collective. This callback acts on the
@@ -50,7 +50,7 @@ def requeue_now(trainer: pl.Trainer, signum: int) -> Path:
 
 
 class GracefulStop(pl.Callback):
-    """Agree on a stop at each step / validation-batch boundary; write `checkpoint_path` at the stop.
+    """Agree on a stop at each step end and validation end; write `checkpoint_path` at the stop.
 
     Args:
         checkpoint_path: where the stop checkpoint goes (the fold's last.ckpt, so --resume finds it).
