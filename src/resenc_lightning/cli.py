@@ -33,12 +33,19 @@ from resenc_lightning.callbacks.memory_cap import CudaMemoryCap, MemoryTargetErr
 from resenc_lightning.callbacks.nnunet_export import NnUNetExport
 from resenc_lightning.callbacks.rng_state import RNGStateCheckpoint
 from resenc_lightning.data import NnUNetDataModule
-from resenc_lightning.fault_hooks import PauseAt
+from resenc_lightning.fault_hooks import PauseAt, pause_in_final_validation
 from resenc_lightning.loggers import build_fold_loggers, defer_fold_loggers
 from resenc_lightning.module import ResEncUNetModule, drop_compiled_duplicates
 from resenc_lightning.plans import RunSpec, RunSpecError
-from resenc_lightning.rank_watchdog import launching_ranks, outlive_started_ranks, watch_launcher
+from resenc_lightning.rank_watchdog import (
+    launching_ranks,
+    leave_after_launcher,
+    outlive_started_ranks,
+    watch_launcher,
+)
 from resenc_lightning.resume import LAST_CHECKPOINT, ResumeError, resume_checkpoint, validation_checkpoint
+from resenc_lightning.stop_signals import StopSignals, install_on
+from resenc_lightning.validation_stop import ValidationStopped, stop_on_signal
 
 #: nnUNetTrainer's loop settings expressed as Trainer defaults (each overridable with --trainer.*).
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -66,6 +73,7 @@ class ResEncLightningCLI(LightningCLI):
         self.resume = False
         self.fold_loggers: list[tuple[int, Any]] = []
         self.logger_config: Any = None
+        self.stop_signals = StopSignals()  # flag-only handlers, installed from the fit's start to the very end
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -211,7 +219,7 @@ class ResEncLightningCLI(LightningCLI):
                             enable_version_counter=False, save_on_train_epoch_end=True),
             RNGStateCheckpoint(),
             *([pause] if (pause := PauseAt.from_env()) is not None else []),  # test-only, before GracefulStop
-            GracefulStop(self.checkpoint_dir / LAST_CHECKPOINT),
+            GracefulStop(self.checkpoint_dir / LAST_CHECKPOINT, self.stop_signals),
         ]
 
     def import_native_checkpoint(self, path: str, ckpt_path: str | None) -> str:
@@ -257,16 +265,31 @@ def resolve_demo(cfg: Any) -> None:
         cfg.trainer.max_epochs = info.max_epochs
 
 
-def validate(cli: ResEncLightningCLI, source: str) -> dict:
-    """nnU-Net's final validation of the fold (all ranks take part; metrics on rank 0)."""
+def validate(cli: ResEncLightningCLI, source: str, redo: str = "--resume") -> dict:
+    """nnU-Net's final validation of the fold (all ranks take part; metrics on rank 0). A stop signal abandons it on
+    every rank (validation_stop.py) and exits 128 + signal; `redo` names the flag that runs it again."""
     from resenc_lightning.validation import run_final_validation
 
     device = cli.trainer.strategy.root_device
     model = cli.model.to(device)
     if cli.datamodule.batch_size is None:
         cli.datamodule.setup("validate")
-    result = run_final_validation(model.network, cli.datamodule.spec, device, model.inference_allowed_mirroring_axes,
-                                  int(cli.datamodule.batch_size), save_probabilities=bool(cli.config.get("npz")))
+    signals = cli.stop_signals
+    pause = pause_in_final_validation(model.network, lambda: signals.received is not None)  # test-only
+    try:
+        with stop_on_signal(model.network, lambda: signals.received):
+            result = run_final_validation(model.network, cli.datamodule.spec, device,
+                                          model.inference_allowed_mirroring_axes, int(cli.datamodule.batch_size),
+                                          save_probabilities=bool(cli.config.get("npz")))
+    except ValidationStopped as stopped:
+        if cli.trainer.is_global_zero:
+            print(f"Stopped by {signal.Signals(stopped.signum).name} during the final validation of {source}; its "
+                  f"results are incomplete, the checkpoints intact: run it again with {redo}.", flush=True)
+        leave_after_launcher()
+        raise SystemExit(_signal_exit_code(stopped.signum)) from None
+    finally:
+        if pause is not None:
+            pause.remove()
     if cli.trainer.is_global_zero:
         dice = result.get("final_val/foreground_dice")
         print(f"Final validation of {source}: foreground mean Dice {dice:.4f}; {result['summary']}, "
@@ -355,19 +378,25 @@ def _signal_exit_code(signum: int | None) -> int:
     return 128 + int(signum or signal.SIGTERM)
 
 
-def fit(cli: ResEncLightningCLI, ckpt_path: str | None) -> None:
-    """trainer.fit with the faults a user can act on turned into one-line errors."""
+def fit(cli: ResEncLightningCLI, ckpt_path: str | None, keep_signals: bool = False) -> None:
+    """trainer.fit with the faults a user can act on turned into one-line errors. Stop signals are flag-only from
+    here on (stop_signals.py); `keep_signals` leaves them installed after a completed fit, for the final validation."""
     trainer = cli.trainer
+    installed = install_on(trainer, cli.stop_signals)
+    completed = False
     try:
         with launching_ranks(trainer):  # the ranks it starts end if this process dies (rank_watchdog.py)
             trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        completed = True
     except SIGTERMException:
         stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
         signum = stop.received if stop is not None else None
         saved = stop.saved_to if stop is not None and stop.saved_to is not None else cli.checkpoint_dir / LAST_CHECKPOINT
         then = "the requeued job resumes from it" if stop is not None and stop.requeue else "continue with --resume"
-        print(f"Stopped by {signal.Signals(signum or signal.SIGTERM).name} at epoch {trainer.current_epoch}, step "
-              f"{trainer.global_step}; {saved} holds it, {then}.", flush=True)
+        if trainer.is_global_zero:
+            print(f"Stopped by {signal.Signals(signum or signal.SIGTERM).name} at epoch {trainer.current_epoch}, step "
+                  f"{trainer.global_step}; {saved} holds it, {then}.", flush=True)
+        leave_after_launcher()
         raise SystemExit(_signal_exit_code(signum)) from None
     except CheckpointWriteError as e:
         raise UsageError(str(e.strerror or e)) from None
@@ -379,6 +408,9 @@ def fit(cli: ResEncLightningCLI, ckpt_path: str | None) -> None:
         from resenc_lightning.memory_target import first_step_oom_message
 
         raise UsageError(first_step_oom_message(cli.datamodule.spec, trainer.strategy.root_device)) from None
+    finally:
+        if installed and not (completed and keep_signals):
+            cli.stop_signals.restore()
 
 
 def main(args: list[str] | None = None) -> Path | None:
@@ -398,7 +430,12 @@ def _main(args: list[str] | None) -> Path | None:
         print(result.report(), flush=True)
         return None
     if cli.config.get("validate_only"):
-        validate(cli, cli.load_weights_for_validation())
+        source = cli.load_weights_for_validation()
+        install_on(cli.trainer, cli.stop_signals)
+        try:
+            validate(cli, source, redo="--validate_only")
+        finally:
+            cli.stop_signals.restore()
         return cli.output_folder
     check_world_size(cli.trainer, cli.datamodule.spec)
     ckpt_path = cli.resolve_ckpt_path()
@@ -415,9 +452,12 @@ def _main(args: list[str] | None) -> Path | None:
         except NnUNetImportError as e:
             raise UsageError(str(e)) from None
         print(f"Initialised {len(copied)} weights from {cli.config['init_from_nnunet']}", flush=True)
-    fit(cli, ckpt_path)
-    if cli.config.get("final_validation") and not cli.trainer.interrupted:
-        validate(cli, "the trained network")
+    fit(cli, ckpt_path, keep_signals=True)
+    try:
+        if cli.config.get("final_validation") and not cli.trainer.interrupted:
+            validate(cli, "the trained network")
+    finally:
+        cli.stop_signals.restore()
     outlive_started_ranks(cli.trainer)  # none of them finds its launcher gone while it finishes
     out = cli.output_folder
     if cli.trainer.is_global_zero:

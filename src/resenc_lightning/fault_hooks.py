@@ -7,6 +7,7 @@ file and blocks until the test acts: it kills it, sends a stop signal (which end
 
 - `step=N`: after global step N's training step (first in `on_train_batch_end`, before any stop handling);
 - `val=E`: after the first validation batch of epoch E;
+- `final=1`: at the first network forward of the final (sliding-window) validation;
 - `write=NAME`: while NAME's temporary file is complete and fsynced but not yet renamed (see `atomic.py`).
 
 Under DDP each rank uses `<marker>.rank<N>`. Unset (every real run), the CLI adds no callback and
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 PAUSE_ENV = "RESENC_LIGHTNING_TEST_PAUSE"
 _POLL_S = 0.01
@@ -34,8 +36,8 @@ def pause_spec() -> tuple[str, str, Path] | None:
         return None
     event, _, marker = value.partition("@")
     kind, _, arg = event.partition("=")
-    if kind not in ("step", "val", "write") or not arg or not marker:
-        raise ValueError(f"{PAUSE_ENV}={value!r}: expected step=N@FILE, val=E@FILE or write=NAME@FILE")
+    if kind not in ("step", "val", "write", "final") or not arg or not marker:
+        raise ValueError(f"{PAUSE_ENV}={value!r}: expected step=N@FILE, val=E@FILE, final=1@FILE or write=NAME@FILE")
     return kind, arg, Path(marker)
 
 
@@ -63,6 +65,29 @@ def pause_before_rename(path: Path) -> None:
         pause(spec[2], str(path))
 
 
+def rank_marker(marker: Path) -> Path:
+    """`<marker>.rank<N>` under DDP, so each rank's pause is seen (and released) on its own."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return marker.with_name(f"{marker.name}.rank{dist.get_rank()}")
+    return marker
+
+
+def pause_in_final_validation(network: torch.nn.Module, released: Callable[[], bool]) -> Any:
+    """The `final=1` event: a forward pre-hook that pauses once; returns its handle (None when not asked for)."""
+    spec = pause_spec()
+    if spec is None or spec[0] != "final":
+        return None
+    done: list[bool] = []
+
+    def hook(module: torch.nn.Module, args: Any) -> None:
+        if not done:
+            done.append(True)
+            pause(rank_marker(spec[2]), "final validation", released)
+
+    return network.register_forward_pre_hook(hook)
+
+
 class PauseAt(pl.Callback):
     """The `step=N` / `val=E` events (added by the CLI only when `RESENC_LIGHTNING_TEST_PAUSE` asks for one)."""
 
@@ -73,15 +98,13 @@ class PauseAt(pl.Callback):
     @classmethod
     def from_env(cls) -> PauseAt | None:
         spec = pause_spec()
-        if spec is None or spec[0] == "write":
+        if spec is None or spec[0] in ("write", "final"):
             return None
         return cls(spec[0], int(spec[1]), spec[2])
 
     def _pause(self, trainer: pl.Trainer) -> None:
         self.done = True
-        marker = self.marker
-        if trainer.world_size > 1:
-            marker = marker.with_name(f"{marker.name}.rank{trainer.global_rank}")
+        marker = rank_marker(self.marker)
 
         def stop_requested() -> bool:
             return bool(trainer.received_sigterm) or any(getattr(c, "stop_pending", False) for c in trainer.callbacks)

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -24,6 +25,8 @@ from typing import Any
 LAUNCHER_ENV = "RESENC_LIGHTNING_LAUNCHER"
 EXIT_CODE = 1
 _POLL_S = 0.2
+_LAUNCHER_WAIT_S = 30.0
+_active: LauncherWatchdog | None = None  # this process's watchdog, while watch_launcher runs
 
 
 def starts_ranks(trainer: Any) -> bool:
@@ -106,7 +109,8 @@ def launcher_watchdog(environ: Mapping[str, str] | None = None) -> LauncherWatch
 def watch_launcher() -> Iterator[LauncherWatchdog | None]:
     """Around a launched rank's whole run (cli.main); elsewhere a no-op. Stopped on leaving: the rank's collectives
     are over then, and the launcher may be gone without anything being wrong."""
-    watchdog = launcher_watchdog()
+    global _active
+    watchdog = _active = launcher_watchdog()
     if watchdog is not None:
         if watchdog.launcher_gone():  # died before this rank got here
             watchdog.end()
@@ -114,5 +118,20 @@ def watch_launcher() -> Iterator[LauncherWatchdog | None]:
     try:
         yield watchdog
     finally:
+        _active = None
         if watchdog is not None:
             watchdog.stop()
+
+
+def leave_after_launcher(timeout_s: float = _LAUNCHER_WAIT_S) -> None:
+    """On a stop (a signal the ranks agreed on), a rank the launcher started waits, bounded, until the launcher has
+    exited: Lightning's child-process observer in the launcher SIGKILLs it within 5 s of a child's non-zero exit,
+    which would cut rank 0's stop short (its message, its exit status). Every rank has saved and left all
+    collectives by now, so the launcher going first is expected: the watchdog is stopped before waiting."""
+    watchdog = _active
+    if watchdog is None:  # the launcher itself, or ranks that srun / torchrun started
+        return
+    watchdog.stop()
+    end = time.monotonic() + timeout_s
+    while not watchdog.launcher_gone() and time.monotonic() < end:
+        time.sleep(0.02)

@@ -1,30 +1,29 @@
-"""Stop cleanly on SIGTERM / SIGUSR1 / first Ctrl+C: finish the step, write last.ckpt, stop the workers.
+"""Stop cleanly on SIGTERM / SIGUSR1 / first Ctrl+C / the SLURM requeue signal: every rank finishes the same step
+(or validation), writes last.ckpt (or the hpc checkpoint and requeues), and stops the workers.
 
-Lightning already handles SIGTERM: its handler sets `trainer.received_sigterm`, the loop finishes
-the current batch and raises `SIGTERMException`. What it does not do, and this callback adds: route
-SIGINT (first press; a second press interrupts at once) and SIGUSR1 outside SLURM to that same
-SIGTERM path, and save the fold's `last.ckpt` at the current step when the loop stops that way (the
-DataModule's `on_exception` then stops the augmenter workers).
-
-Under SLURM with auto-requeue, Lightning's requeue-signal handler saves the hpc checkpoint inside the
-signal handler: mid-step, and on several ranks a collective (our RNG gather) issued from a handler at
-a different point on each rank. Ours only sets a flag; at the end of each training step the ranks
-agree (any rank signalled: SLURM signals every rank, not necessarily within the same step), stop after
-that step on every rank, and run Lightning's own requeue routine (save `hpc_ckpt_N.ckpt`, `scontrol
-requeue`) from there. `scontrol requeue` ends the job anyway; the requeued job resumes from the file.
+The signal handlers only set a flag (stop_signals.py): a handler runs at an arbitrary point of the main thread,
+on each rank at a different one, so it must not save, print or issue a collective. This callback acts on the
+flag at boundaries every rank reaches in the same order: the end of each training step and the end of each
+validation (its last batch; an epoch's last step defers to it, so no checkpoint is taken mid-validation). There
+the ranks agree (a max all-reduce of what each was asked: SLURM, Ctrl+C or `kill` may signal one
+rank, some, or all, not necessarily within the same step); if any rank was signalled, every rank sets Lightning's
+`received_sigterm` at the same boundary, so Lightning's SIGTERM path (its per-batch broadcast, SIGTERMException
+after this batch) runs identically on all ranks, and `on_exception` saves with everyone present. A requeue request
+runs Lightning's requeue routine (hpc_ckpt_N.ckpt, `scontrol requeue`) from there instead of its handler.
 """
 
 from __future__ import annotations
 
 import signal
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
-from lightning.fabric.plugins.environments import SLURMEnvironment
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from resenc_lightning.stop_signals import REQUEUE_OFFSET, StopSignals
 
 
 @runtime_checkable
@@ -38,14 +37,6 @@ class RewindableBatches(Protocol):
 
 # -- The Lightning internals this callback needs (lightning 2.6; tests/test_slurm_requeue.py and test_faults.py
 #    exercise each). Lightning has no public API for them: its SIGTERM/requeue handling lives in private connectors.
-def slurm_auto_requeue_signal(trainer: pl.Trainer) -> int | None:
-    """The requeue signal when Lightning's SLURM environment will requeue the job, else None."""
-    env = trainer._accelerator_connector.cluster_environment
-    if isinstance(env, SLURMEnvironment) and env.auto_requeue:
-        return int(env.requeue_signal or signal.SIGUSR1)
-    return None
-
-
 def request_stop_after_step(trainer: pl.Trainer) -> None:
     """What Lightning's SIGTERM handler sets: the loop finishes this step, then raises SIGTERMException."""
     trainer._signal_connector.received_sigterm = True
@@ -59,72 +50,69 @@ def requeue_now(trainer: pl.Trainer, signum: int) -> Path:
 
 
 class GracefulStop(pl.Callback):
-    """Write `checkpoint_path` at the current step when a stop signal ends the fit.
+    """Agree on a stop at each step end and validation end; write `checkpoint_path` at the stop.
 
     Args:
         checkpoint_path: where the stop checkpoint goes (the fold's last.ckpt, so --resume finds it).
+        signals: this process's flag-only handlers (installed by the CLI before the fit starts).
     """
 
-    def __init__(self, checkpoint_path: str | Path) -> None:
+    def __init__(self, checkpoint_path: str | Path, signals: StopSignals | None = None) -> None:
         self.checkpoint_path = Path(checkpoint_path)
-        self.received: int | None = None
+        self.signals = signals if signals is not None else StopSignals()
+        self.received: int | None = None  # the agreed signal (the same on every rank)
+        self.requeue = False  # the ranks agreed: save the hpc checkpoint and requeue
         self.saved_at_step: int | None = None
         self.saved_to: Path | None = None
-        self.requeue_signal: int | None = None  # SLURM auto-requeue: the signal we defer to a step boundary
-        self.stop_pending = False  # the requeue signal arrived on this rank and is not yet acted on
-        self.requeue = False  # the ranks agreed: stop after this step, save the hpc checkpoint, requeue
-        self._previous: dict[int, Any] = {}
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning installed its SIGTERM (and SLURM requeue) handlers in Trainer._run; ours forward to / replace them.
-        handlers = {signal.SIGINT: self._handle}
-        self.requeue_signal = slurm_auto_requeue_signal(trainer)
-        if self.requeue_signal is not None:
-            handlers[self.requeue_signal] = self._handle_requeue
-        else:
-            handlers[signal.SIGUSR1] = self._handle
-        for signum, handler in handlers.items():
-            try:
-                self._previous[signum] = signal.signal(signum, handler)
-            except ValueError:  # not the main thread: leave signals (and Lightning's requeue handler) alone
-                self.requeue_signal = None
-
-    def _handle_requeue(self, signum: int, frame: FrameType | None) -> None:
-        self.stop_pending = True  # only a flag: no I/O and no collective inside a signal handler
+    @property
+    def stop_pending(self) -> bool:
+        """This rank was signalled (not yet agreed): the test-only pause hook ends its pause on it."""
+        return self.signals.received is not None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.requeue_signal is None or self.requeue:
-            return
-        # A collective at the same point on every rank, every step (only under SLURM auto-requeue).
-        agreed = trainer.strategy.reduce_boolean_decision(self.stop_pending, all=False)
-        # On an epoch's last batch the loop would validate before stopping: act after the next step instead.
-        if agreed and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            self.requeue = True
-            self.received = self.requeue_signal
-            rank_zero_info(f"Received the SLURM requeue signal: stopping after step {trainer.global_step} to save an "
-                           f"hpc checkpoint and requeue the job.")
-            request_stop_after_step(trainer)  # -> SIGTERMException after this step -> on_exception
+        self._agree(trainer)
+        # On an epoch's last batch Lightning validates next: stop after that validation (see on_validation_batch_end)
+        if self.received is not None and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            request_stop_after_step(trainer)  # Lightning raises SIGTERMException after this step -> on_exception
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl+C: stop now
-        self.received = signum
-        rank_zero_info(f"Received {signal.Signals(signum).name}: finishing the current step, then saving "
-                       f"{self.checkpoint_path} and stopping (press Ctrl+C again to stop immediately).")
-        lightning_handler = signal.getsignal(signal.SIGTERM)
-        if callable(lightning_handler):
-            lightning_handler(signal.SIGTERM, frame)  # sets trainer.received_sigterm (and tells DDP peers)
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # A signal during validation stops after its last batch: a checkpoint taken mid-validation would resume
+        # without this epoch's validation (Lightning skips it), losing nnU-Net's pseudo-Dice/EMA entry for the epoch.
+        if trainer.sanity_checking or not trainer.fit_loop.epoch_loop.val_loop.batch_progress.is_last_batch:
+            return
+        self._agree(trainer)
+        if self.received is not None:
+            request_stop_after_step(trainer)  # SIGTERMException once the validation has ended
+
+    def _agree(self, trainer: pl.Trainer) -> None:
+        """The ranks agree whether any was signalled (one max all-reduce, at the same boundary on every rank)."""
+        if self.received is not None:
+            return
+        code = self.signals.code()
+        if trainer.world_size > 1:
+            agreed = torch.tensor(code, dtype=torch.int64, device=trainer.strategy.root_device)
+            code = int(trainer.strategy.reduce(agreed, reduce_op="max").item())
+        if code == 0:
+            return
+        self.requeue = code > REQUEUE_OFFSET
+        self.received = code - REQUEUE_OFFSET if self.requeue else code
+        then = "save an hpc checkpoint and requeue the job" if self.requeue else f"save {self.checkpoint_path}"
+        rank_zero_info(f"Received {signal.Signals(self.received).name} at step {trainer.global_step}: every rank stops "
+                       f"at the next step or validation end to {then} (press Ctrl+C again to stop at once, without a "
+                       f"checkpoint).")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore()
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
             return
+        if self.received is None and trainer.world_size == 1:  # one process: Lightning stopped on our flag at once
+            self._agree(trainer)
         batches = trainer.train_dataloader
         if isinstance(batches, RewindableBatches):  # the RNGs saved must be the first untrained batch's (undo prefetch)
             batches.rewind_to(int(trainer.fit_loop.epoch_loop.batch_progress.current.completed))
         self.saved_at_step = trainer.global_step
-        if self.requeue:  # Lightning's requeue routine, now at a step boundary on every rank
-            self.saved_to = requeue_now(trainer, self.requeue_signal)
+        if self.requeue:  # Lightning's requeue routine, at a boundary on every rank, outside any handler
+            self.saved_to = requeue_now(trainer, self.received)
             rank_zero_info(f"Saved {self.saved_to} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
                            f"the requeued job resumes from it.")
             return
@@ -132,17 +120,6 @@ class GracefulStop(pl.Callback):
         self.saved_to = self.checkpoint_path
         rank_zero_info(f"Saved {self.checkpoint_path} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
                        f"continue with --resume.")
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            try:
-                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-            except ValueError:
-                pass
-        self._previous = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
