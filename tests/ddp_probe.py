@@ -15,10 +15,28 @@ import numpy as np
 import torch
 
 
-class DDPProbe(pl.Callback):
+class RankJson(pl.Callback):
+    """Writes this rank's `record` to `out_dir/rank<N>.json` at each epoch end and at the fit's end."""
+
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
-        self.record: dict = {"train_keys": [], "val_stats": {}, "logged": {}}
+        self.record: dict = {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+    def _write(self, trainer) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
+
+
+class DDPProbe(RankJson):
+    def __init__(self, out_dir: str) -> None:
+        super().__init__(out_dir)
+        self.record = {"train_keys": [], "val_stats": {}, "logged": {}}
 
     def on_train_start(self, trainer, pl_module) -> None:
         dm = trainer.datamodule
@@ -56,10 +74,3 @@ class DDPProbe(pl.Callback):
             "dice": log["dice_per_class_or_region"][-1],
         }
         self._write(trainer)
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self._write(trainer)
-
-    def _write(self, trainer) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))

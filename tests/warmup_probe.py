@@ -8,32 +8,13 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import lightning.pytorch as pl
 import torch
+from ddp_probe import RankJson
 
 from resenc_lightning.callbacks.cudnn_pinning import CudnnPinning
 
 
-class _RankJson(pl.Callback):
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = Path(out_dir)
-        self.record: dict = {}
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._write(trainer)
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self._write(trainer)
-
-    def _write(self, trainer) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
-
-
-class SlowRankProbe(_RankJson):
+class SlowRankProbe(RankJson):
     def __init__(self, out_dir: str, slow_rank: int = 1) -> None:
         super().__init__(out_dir)
         self.slow_rank = slow_rank
@@ -77,7 +58,7 @@ class SlowRankProbe(_RankJson):
         super().on_train_epoch_end(trainer, pl_module)
 
 
-class DDPSplitProbe(_RankJson):
+class DDPSplitProbe(RankJson):
     """Buckets of `bucket_kb` KiB (DDP's and DDPOptimizer's first bucket included; the tiny network has ~80 KB of
     parameters) and, per graph compiled inside DDP.forward, how many pieces DDPOptimizer split it into."""
 
