@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ import pynvml
 import pytest
 import torch
 from callback_helpers import FakeNvml
+from conftest import wait_for
 
 from resenc_lightning import gpu_info
 from resenc_lightning.callbacks.epoch_timing import EpochTiming
@@ -260,9 +260,7 @@ def test_the_trainers_own_processes_are_never_others(no_torch_uuid, monkeypatch)
     rank1 = _orphan("sh -c 'sleep 60; true'")
     stranger = _orphan("sleep 60")
     try:
-        deadline = time.monotonic() + 10
-        while not _children_of(rank1) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert wait_for(lambda: _children_of(rank1), timeout=120), "rank 1's worker never started"
         (rank1_worker,) = _children_of(rank1)
         monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
         monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
