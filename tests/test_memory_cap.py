@@ -222,3 +222,22 @@ def test_expandable_segments_keeps_the_users_own_value_and_is_off_with_the_cap(m
     with pytest.warns(UserWarning, match="expandable_segments:False"):
         CudaMemoryCap(expandable_segments=True)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:False" and config.set_calls == []
+
+
+def test_expandable_segments_on_a_torch_without_the_accelerator_allocator_functions(monkeypatch, alloc_env):
+    """pyproject admits torch >= 2.5, whose allocator has no torch._C._accelerator_* getter/setter: before CUDA
+    initialises the variable is in time; after, the older `torch.cuda.memory._set_allocator_settings` applies it."""
+    from resenc_lightning import allocator_settings
+
+    for name in ("_accelerator_getAllocatorSettings", "_accelerator_setAllocatorSettings"):
+        monkeypatch.delattr(torch._C, name, raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:256")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert allocator_settings.request_expandable_segments() == ("environment", "")
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:256,expandable_segments:True"
+    set_calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", set_calls.append)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:256")
+    assert allocator_settings.request_expandable_segments() == ("runtime", "")
+    assert set_calls == ["max_split_size_mb:256,expandable_segments:True"]

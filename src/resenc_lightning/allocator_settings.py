@@ -36,15 +36,18 @@ def with_value(conf: str, key: str, value: str) -> str:
     return ",".join([*items, f"{key}:{value}"])
 
 
-def current_settings() -> str:
-    """torch's allocator settings; the first call parses the environment (CUDA initialisation does the same)."""
-    return torch._C._accelerator_getAllocatorSettings()
+def current_settings() -> str | None:
+    """torch's allocator settings; the first call parses the environment (CUDA initialisation does the same).
+    None on torch builds without the accelerator getter (older than the 2.14 we test; pyproject admits 2.5)."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    return get() if get is not None else None
 
 
 def set_settings(conf: str) -> None:
-    """torch's runtime setter (`torch.cuda.memory._set_allocator_settings` is its deprecated alias); it replaces
-    the parsed settings, so pass the complete string."""
-    torch._C._accelerator_setAllocatorSettings(conf)
+    """torch's runtime setter (`torch.cuda.memory._set_allocator_settings` is its deprecated alias, and the only
+    one on older torch); it replaces the parsed settings, so pass the complete string."""
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    (setter or torch.cuda.memory._set_allocator_settings)(conf)
 
 
 def request_expandable_segments(environ: MutableMapping[str, str] = os.environ
@@ -58,6 +61,10 @@ def request_expandable_segments(environ: MutableMapping[str, str] = os.environ
         return "kept", f"{name}={conf}"
     environ[name] = with_value(conf, KEY, "True") if own is None else conf
     settings = current_settings()  # parses the environment just written, unless torch already has (CUDA up)
+    if settings is None:  # no getter: the variable is read at CUDA initialisation, so it is in time until then
+        if not torch.cuda.is_initialized():
+            return "environment", ""
+        settings = conf  # what torch read at CUDA initialisation
     if (value_of(settings, KEY) or "").lower() == "true":
         return "environment", ""
     set_settings(with_value(settings, KEY, "True"))
