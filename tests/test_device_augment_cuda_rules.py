@@ -58,6 +58,19 @@ def test_the_blur_convolves_without_tf32_and_leaves_the_setting_alone(monkeypatc
     assert after == before
 
 
+def test_the_blur_uses_the_legacy_switch_on_a_torch_without_per_operator_precision(monkeypatch):
+    """pyproject admits torch >= 2.5; before the per-operator API only `cudnn.allow_tf32` exists."""
+    from types import SimpleNamespace
+
+    from resenc_lightning import device_augment
+
+    legacy = SimpleNamespace(allow_tf32=True)
+    monkeypatch.setattr(torch.backends, "cudnn", legacy)
+    with device_augment._ieee_fp32_conv():
+        assert legacy.allow_tf32 is False
+    assert legacy.allow_tf32 is True
+
+
 # -- every draw from the CPU generators ------------------------------------------------------------------------------
 DRAWING = {
     "noise, per channel": lambda: GaussianNoiseTransform((0, 0.1), 1, False),

@@ -98,8 +98,18 @@ def _from_library(cls: type, transform: BasicTransform) -> Any:
 def _ieee_fp32_conv() -> Iterator[None]:
     """cuDNN convolutions in full float32 here only (TF32 would be ~1e-3 relative off the CPU path's blur), without
     touching the network's setting. torch 2.14's per-operator `cudnn.conv.fp32_precision`: the legacy
-    `cudnn.flags(allow_tf32=False)` would also reset `enabled` and `benchmark`, and mixing the two APIs is refused."""
-    conv = torch.backends.cudnn.conv
+    `cudnn.flags(allow_tf32=False)` would also reset `enabled` and `benchmark`, and mixing the two APIs is refused.
+    A torch without the per-operator API (pyproject admits 2.5) gets the legacy `cudnn.allow_tf32` switch."""
+    cudnn = torch.backends.cudnn
+    conv = getattr(cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        legacy = cudnn.allow_tf32
+        cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            cudnn.allow_tf32 = legacy
+        return
     before = conv.fp32_precision
     conv.fp32_precision = "ieee"
     try:
