@@ -117,6 +117,17 @@ class Clock:
         self._prev_end = self._phase_start = 0.0
         self._wait = 0.0
         self._epoch_steps = self._val_steps = 0
+        self.peaks = {"peak_alloc_gb": 0.0, "peak_reserved_gb": 0.0}
+
+    def _sample_peaks(self) -> None:
+        """The run's peaks as the maximum of per-epoch samples: our EpochTiming resets the device's peak counters
+        at each epoch start (its reserved_gb is per epoch), nnU-Net never does; sampled at each validation end."""
+        import torch
+
+        if self.device.type == "cuda":
+            for key, value in (("peak_alloc_gb", torch.cuda.max_memory_allocated(self.device)),
+                               ("peak_reserved_gb", torch.cuda.max_memory_reserved(self.device))):
+                self.peaks[key] = max(self.peaks[key], value / 2**30)
 
     def _sync(self) -> None:
         import torch
@@ -159,9 +170,9 @@ class Clock:
     def val_end(self) -> None:
         self._sync()
         self.val_phase.append((self.epoch, time.perf_counter() - self._phase_start, self._val_steps))
+        self._sample_peaks()
 
     def result(self) -> dict:
-        import torch
 
         steps = [s for s in self.steps if s[0] >= 1] or self.steps[1:] or self.steps
         train = [p for p in self.train_phase if p[0] >= 1] or self.train_phase
@@ -180,8 +191,8 @@ class Clock:
             "n_steps_timed": len(steps),
         }
         if self.device.type == "cuda":
-            out["peak_alloc_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            out["peak_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+            self._sample_peaks()
+            out.update(self.peaks)
         return out
 
 
