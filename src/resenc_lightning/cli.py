@@ -90,8 +90,9 @@ class ResEncLightningCLI(LightningCLI):
                             help="Keep a snapshot checkpoint, and refresh nnU-Net's checkpoint_latest.pth, every N epochs "
                                  "(nnU-Net's save_every).")
         parser.add_argument("--memcheck", type=bool, default=False, **BARE_FLAG,
-                            help="Run one real training step at the plans' batch and patch on the GPU and report "
-                                 "peak memory against the card and the plans' VRAM target; no training.")
+                            help="Run real training steps at the plans' batch and patch on the GPU (one that lets cuDNN "
+                                 "benchmark, then two measured ones) and report their peak memory against the card "
+                                 "and the plans' VRAM target; no training.")
         parser.add_argument("--final_validation", type=bool, default=True, **BARE_FLAG,
                             help="After training, nnU-Net's final validation: sliding-window prediction of the fold's "
                                  "validation cases, validation/summary.json, plus validation/summary_surface.json.")
