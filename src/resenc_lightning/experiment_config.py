@@ -48,16 +48,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options (configs/experiment.yaml).")
     parser.add_argument("--plans", type=str, default="nnUNetResEncUNetLPlans", help="nnU-Net plans identifier.")
     parser.add_argument("--dataset", type=str, required=True, help="Dataset ID or name in $nnUNet_preprocessed.")
-    parser.add_argument("--configurations", type=list[str], default=["3d_fullres"],
+    parser.add_argument("--configurations", type=str, nargs="+", default=["3d_fullres"],
                         help="Configurations to train; 3d_cascade_fullres waits for its 3d_lowres folds.")
-    parser.add_argument("--folds", type=list[str], default=["0", "1", "2", "3", "4"], help="Folds of nnU-Net's split.")
+    parser.add_argument("--folds", type=str, nargs="+", default=["0", "1", "2", "3", "4"], help="Folds of nnU-Net's split.")
     parser.add_argument("--trainer_name", type=str, default="nnUNetTrainer_Lightning",
                         help="The <trainer> part of the output folder (train.py's --data.trainer_name).")
     parser.add_argument("--results_dir", type=str | None, default=None, help="Where runs go; None: $nnUNet_results.")
     parser.add_argument("--log_dir", type=str | None, default=None,
                         help="Job scripts and logs; None: <results>/<dataset>/experiment_logs.")
-    parser.add_argument("--gpus", type=list[int] | None, default=None,
-                        help="Local executor: one job per listed GPU at a time (e.g. 0,1,2,3).")
+    parser.add_argument("--gpus", type=str, nargs="+", default=None,
+                        help="Local executor: one job per listed GPU at a time (--gpus 0,1,2,3 or --gpus 0 1 2 3).")
     parser.add_argument("--jobs", type=int, default=1, help="Local executor without --gpus: concurrent CPU jobs.")
     parser.add_argument("--slurm", type=SlurmOptions, default=SlurmOptions(), help="SLURM executor options.")
     parser.add_argument("--stage_to", type=str | None, default=None,
@@ -85,4 +85,17 @@ def parse(argv: list[str]) -> tuple[str, Namespace]:
         argv, passthrough = argv[:cut], argv[cut + 1:]
     cfg = build_parser().parse_args(argv)
     cfg.train_args = [*cfg.train_args, *passthrough]
+    cfg.gpus = gpu_list(cfg.gpus)
+    cfg.folds = [str(f) for f in cfg.folds]
     return command, cfg
+
+
+def gpu_list(values: list[str] | None) -> list[int] | None:
+    """`--gpus 0,1` or `--gpus 0 1` as [0, 1]."""
+    if not values:
+        return None
+    items = [v for value in values for v in str(value).split(",") if v.strip()]
+    try:
+        return [int(v) for v in items]
+    except ValueError:
+        raise SystemExit(f"error: --gpus {' '.join(map(str, values))}: expected GPU indices such as 0,1,2,3.") from None
