@@ -8,10 +8,13 @@ job that depends on them (afterok). Preemption and time limits are handled insid
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from submitit.core.utils import JobPaths
 
 from resenc_lightning import experiment_job
 from resenc_lightning.experiment_config import parse
@@ -20,6 +23,7 @@ from resenc_lightning.experiment_scheduler import (
     JobRef,
     is_live,
     job_ref,
+    live_slurm_job_named,
     local_executor,
     read_pointer,
     scheduler_state,
@@ -87,7 +91,14 @@ class Experiment:
             print(f"Submitted {len(todo)} job(s) as array {handles[0].job_id.split('_')[0]}: "
                   f"{', '.join(j.name for j in todo)}", flush=True)
         best_ref = None
-        if self.cfg.find_best:
+        live_best = live_slurm_job_named(f"{job_name}-find-best") if self.cfg.find_best else None
+        if live_best is not None and not submitted:
+            best_ref = JobRef("slurm", live_best, str(JobPaths(self.log_dir, job_id=live_best, task_id=0).stdout),
+                              str(self.log_dir))
+            print(f"Model selection job {live_best} is live (waits for the folds), not started again.", flush=True)
+        elif self.cfg.find_best:
+            if live_best is not None:  # it waits on the old jobs only: replace it by one that waits on all
+                subprocess.run(["scancel", live_best], check=False)
             executor = slurm_executor(self.log_dir, self.cfg.slurm, f"{job_name}-find-best")
             executor.update_parameters(ntasks_per_node=1, nodes=1, cpus_per_task=min(2, self.cfg.slurm.cpus_per_task),
                                        **({"dependency": "afterok:" + ":".join(depend)} if depend else {}))
@@ -126,8 +137,6 @@ class Experiment:
             self.refuse_if_failed(self.jobs)
         except SystemExit:
             if best_ref is not None:  # its dependency can never be satisfied
-                import subprocess
-
                 subprocess.run(["scancel", best_ref.job_id], check=False)
             raise
         if best_ref is None:

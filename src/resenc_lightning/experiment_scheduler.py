@@ -67,6 +67,19 @@ def slurm_job(job_id: str) -> dict[str, str] | None:
     return dict(item.split("=", 1) for item in line.split() if "=" in item)
 
 
+def live_slurm_job_named(name: str) -> str | None:
+    """The id of a pending/running job with this name (the scheduler asked by job name), else None."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.stdout.splitlines():
+        job_id, _, state = line.partition(" ")
+        if state in LIVE_SLURM:
+            return job_id
+    return None
+
+
 def local_alive(job_id: str) -> bool:
     """The LocalExecutor's controller process is still running (and is submitit's, not a recycled pid)."""
     try:
