@@ -66,3 +66,15 @@ def submissions() -> set[str]:
     """The submissions SLURM holds now (an array counts once, whatever its tasks' states)."""
     out = subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True, check=True)
     return set(out.stdout.split())
+
+
+def start_requeued_now(job_id: str) -> None:
+    """SLURM holds a requeued job back for 120 s (its BeginTime); once it is back in the queue, let it start now."""
+    from resenc_lightning.experiment_scheduler import slurm_job
+
+    def requeued() -> bool:
+        info = slurm_job(job_id) or {}
+        return int(info.get("Restarts", "0")) > 0 and info.get("JobState") == "PENDING"
+
+    wait_until(requeued, f"job {job_id} back in the queue")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
