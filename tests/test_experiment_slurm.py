@@ -103,6 +103,9 @@ def test_requeue_and_time_limit_signal_mid_epoch_resume_bit_identically(tiny_dat
     assert hpc["global_step"] == 3 and "Received SIGUSR1 at step 3" in log, log[-3000:]
     assert "requeued: resuming from" in log and "hpc_ckpt_1.ckpt" in log, log[-3000:]
     assert (fold_folder(results, 0) / "checkpoint_final.pth").is_file()
+    final = torch.load(fold_folder(results, 0) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    logged = final["nnunet"]["logging"]  # one entry per epoch although epoch 0 was restarted mid-way
+    assert final["global_step"] == 10 and all(len(v) == 2 for v in logged.values()), {k: len(v) for k, v in logged.items()}
 
 
 def test_two_task_ddp_job_under_srun_trains_and_resumes_after_a_requeue(tiny_dataset, tmp_path):
