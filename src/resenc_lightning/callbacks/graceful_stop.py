@@ -35,8 +35,9 @@ class RewindableBatches(Protocol):
     def rewind_to(self, trained: int) -> None: ...
 
 
-# -- The Lightning internals this callback needs (lightning 2.6; tests/test_slurm_requeue.py and test_faults.py
-#    exercise each). Lightning has no public API for them: its SIGTERM/requeue handling lives in private connectors.
+# -- The Lightning internals this callback needs (lightning 2.6; tests/test_slurm_requeue.py, test_experiment_slurm.py
+#    and test_faults.py exercise each). Lightning has no public API for them: its SIGTERM/requeue handling lives in
+#    private connectors.
 def request_stop_after_step(trainer: pl.Trainer) -> None:
     """What Lightning's SIGTERM handler sets: the loop finishes this step, then raises SIGTERMException."""
     trainer._signal_connector.received_sigterm = True
