@@ -11,11 +11,16 @@ cascade's inputs to `<model folder>/predicted_next_stage/<next stage>/`; a casca
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -64,7 +69,8 @@ def run_final_validation(network: torch.nn.Module, spec: RunSpec, device: torch.
     was_training = network.training
     had_deep_supervision = bool(recipe.unwrap_network(network).decoder.deep_supervision)
     try:
-        nnUNetTrainer.perform_actual_validation(view, save_probabilities=save_probabilities)
+        with predictor_on(device):
+            nnUNetTrainer.perform_actual_validation(view, save_probabilities=save_probabilities)
     finally:
         network.train(was_training)
         # nnU-Net switches DS on here unconditionally; restoring keeps a DS-off network DS-off
@@ -73,6 +79,32 @@ def run_final_validation(network: torch.nn.Module, spec: RunSpec, device: torch.
     if view.local_rank == 0 and (surface := write_surface_summary(spec, folder / "validation", surface_tolerance_mm)):
         result["summary_surface"] = str(surface)
     return result
+
+
+#: What nnunetv2's predictor prints whenever it is built for a non-CUDA device, whatever it was asked for.
+CPU_PREDICTOR_LINE = "perform_everything_on_device=True is only supported for cuda devices! Setting this to False"
+
+
+@contextmanager
+def predictor_on(device: torch.device) -> Iterator[None]:
+    """perform_actual_validation builds its predictor with `perform_everything_on_device=True`; on a CPU the predictor
+    turns that off itself and prints a line the user cannot act on (it prints it even when asked for False). Build it
+    with the setting it will use, and drop that one line of its constructor's output (anything else is printed)."""
+    if device.type == "cuda":
+        yield
+        return
+    predictor = trainer_module.nnUNetPredictor
+
+    def on_cpu(*args: Any, **kwargs: Any) -> Any:
+        with redirect_stdout(io.StringIO()) as said:
+            built = predictor(*args, **{**kwargs, "perform_everything_on_device": False})
+        other = [line for line in said.getvalue().splitlines() if line != CPU_PREDICTOR_LINE]
+        if other:
+            print("\n".join(other), flush=True)
+        return built
+
+    with mock.patch.object(trainer_module, "nnUNetPredictor", on_cpu):
+        yield
 
 
 def write_surface_summary(spec: RunSpec, validation_folder: Path, tolerance_mm: float = 1.0) -> Path | None:
