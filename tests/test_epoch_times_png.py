@@ -63,3 +63,37 @@ def test_epoch_times_png_can_be_switched_off(tiny_dataset, results_dir):
     cli = fit(tiny_args(results_dir, "--epoch_timing.plot", "false", epochs=1, iters=2, val_iters=1))
     assert not (cli.output_folder / "epoch_times.png").exists()
     assert len(the(cli, EpochTiming).epochs) == 1  # timing itself still runs
+
+
+def test_a_mid_epoch_resume_times_its_partial_epoch_from_its_first_step(tiny_dataset, results_dir):
+    """Lightning skips on_train_epoch_start when it resumes mid-epoch; the epoch clock then starts at the first
+    step (it once ran from 0, i.e. the machine's uptime), and the record says how many steps the epoch had."""
+    import os
+    import signal
+    import time
+
+    import lightning.pytorch as pl
+    import pytest
+
+    from resenc_lightning.cli import build_cli
+    from resenc_lightning.cli import fit as cli_fit
+
+    class TermAtStep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 4:  # epoch 1, one of its 3 steps done
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    quiet = ("--final_validation", "false", "--nnunet_export.plot_progress", "false")
+    cli = build_cli(tiny_args(results_dir, *SCHEDULE, *quiet, epochs=2, iters=3, val_iters=1))
+    cli.trainer.callbacks.append(TermAtStep())
+    with pytest.raises(SystemExit):
+        cli_fit(cli, None)
+    start = time.perf_counter()
+    cli = fit(tiny_args(results_dir, *SCHEDULE, *quiet, "--resume", "true", epochs=2, iters=3, val_iters=1))
+    elapsed = time.perf_counter() - start
+    timing = the(cli, EpochTiming)
+    assert timing.resumes == [1]
+    assert [(int(e["epoch"]), int(e["steps"])) for e in timing.epochs] == [(0, 3), (1, 2)]
+    assert 0 < timing.epochs[1]["epoch_s"] < elapsed
+    fig = _draw(timing)
+    assert any("partial epoch" in t.get_text() for t in fig.axes[0].get_legend().get_texts())

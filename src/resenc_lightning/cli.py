@@ -478,6 +478,8 @@ def _main(args: list[str] | None) -> Path | None:
         print(f"Initialised {len(copied)} weights from {cli.config['init_from_nnunet']}", flush=True)
     if cli.trainer.is_global_zero:
         print(model_line(cli.model), flush=True)
+    if ckpt_path is not None:
+        quiet.resuming(cli.checkpoint_dir)
     fit(cli, ckpt_path, keep_signals=True)
     try:
         if cli.config.get("final_validation") and not cli.trainer.interrupted:

@@ -40,10 +40,16 @@ def _draw(epochs: list[dict[str, float]], reference: dict[str, float] | None, to
     FigureCanvasAgg(fig)
     ax_epoch, ax_step, ax_wait = fig.subplots(3, 1, sharex=True)
     x = [int(e["epoch"]) for e in epochs]
+    style = "o-" if len(x) <= 100 else "-"  # 1000 epochs of dots would hide the line
     whose = "first resumed run's" if reference_resumed else "fresh run's"
-    ax_epoch.plot(x, [e["epoch_s"] for e in epochs], "o-", color="C0", label="epoch wall time")
-    ax_step.plot(x, [e["step_median_s"] * 1000 for e in epochs], "o-", color="C1", label="median step time")
-    ax_wait.plot(x, [100 * e["data_wait_frac"] for e in epochs], "o-", color="C2", label="waiting for data")
+    ax_epoch.plot(x, [e["epoch_s"] for e in epochs], style, color="C0", label="epoch wall time")
+    ax_step.plot(x, [e["step_median_s"] * 1000 for e in epochs], style, color="C1", label="median step time")
+    ax_wait.plot(x, [100 * e["data_wait_frac"] for e in epochs], style, color="C2", label="waiting for data")
+    full = max((e.get("steps", 0.0) for e in epochs), default=0.0)
+    partial = [e for e in epochs if 0 < e.get("steps", full) < full]  # resumed mid-epoch: its steps after the resume
+    if partial:
+        ax_epoch.plot([int(e["epoch"]) for e in partial], [e["epoch_s"] for e in partial], "o", mfc="white",
+                      mec="C0", ms=10, label="partial epoch (resumed mid-epoch: only the steps left)")
     if reference is not None:
         for ax, value in ((ax_epoch, reference["epoch_s"]), (ax_step, reference["step_median_s"] * 1000)):
             ax.axhspan(value * (1 - tolerance), value * (1 + tolerance), color=_BAND, alpha=0.15,

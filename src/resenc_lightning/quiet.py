@@ -10,7 +10,9 @@ on the CPU).
 from __future__ import annotations
 
 import logging
+import re
 import warnings
+from pathlib import Path
 
 #: (message regex, module regex) of warnings that are about a library's internals, not the user's run.
 WARNINGS: tuple[tuple[str, str], ...] = (
@@ -18,6 +20,10 @@ WARNINGS: tuple[tuple[str, str], ...] = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
     # MONAI's own surface-distance helper passes the deprecated argument to itself (MONAI 1.5+).
     (r"monai\.metrics\.utils get_mask_edges:always_return_as_numpy", r"monai\.utils\.deprecate_utils"),
+    # Lightning's loader check on a mid-epoch resume: our epoch view of nnU-Net's augmenter yields exactly the
+    # batches left (data.py, tested bit-identical in test_reliability.py), which Lightning cannot see.
+    (r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
+     r"lightning\.pytorch\.loops\.training_epoch_loop"),
 )
 
 #: Lightning's rank-zero loggers (lightning_utilities logs through whichever of the two was imported last).
@@ -33,6 +39,13 @@ class _DropLitloggerTip(logging.Filter):
 
 
 _TIP_FILTER = _DropLitloggerTip()
+
+
+def resuming(checkpoint_dir: str | Path) -> None:
+    """A resumed run writes into the checkpoint folder it resumes from; ModelCheckpoint's "exists and is not empty"
+    says nothing then (a fresh run over checkpoints is refused before). Only for that folder."""
+    warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(str(checkpoint_dir))} exists and is "
+                                              f"not empty", module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
 
 
 def install() -> None:

@@ -64,7 +64,7 @@ class EpochTiming(pl.Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self._epoch_start = 0.0
+        self._epoch_start: float | None = None
         self._last_end: float | None = None
         self._step_start = 0.0
         self._steps: list[float] = []
@@ -91,6 +91,8 @@ class EpochTiming(pl.Callback):
         self._epoch_start = self._last_end = self._now(pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._epoch_start is None:  # resumed mid-epoch: Lightning does not call on_train_epoch_start then
+            self.on_train_epoch_start(trainer, pl_module)
         now = time.perf_counter()
         if self._last_end is not None:
             self._wait += now - self._last_end  # blocked on the next batch (plus negligible loop overhead)
@@ -105,10 +107,12 @@ class EpochTiming(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or not self._steps:
             return
+        assert self._epoch_start is not None  # set by the epoch's start or its first batch
         epoch_s = self._now(pl_module) - self._epoch_start
         train_s = sum(self._steps) + self._wait
         record = {
-            "epoch": float(trainer.current_epoch), "epoch_s": epoch_s, "step_median_s": statistics.median(self._steps),
+            "epoch": float(trainer.current_epoch), "epoch_s": epoch_s, "steps": float(len(self._steps)),
+            "step_median_s": statistics.median(self._steps),
             "data_wait_frac": self._wait / train_s if train_s > 0 else 0.0,
             "reserved_gb": torch.cuda.max_memory_reserved(pl_module.device) / 2**30
             if pl_module.device.type == "cuda" else 0.0,
