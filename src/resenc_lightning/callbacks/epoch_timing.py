@@ -126,13 +126,11 @@ class EpochTiming(pl.Callback):
         self._update_reference(trainer, record)
         if self._compare and not self._warned:
             self._check_drift(trainer, pl_module, record)
-        if self.plot and trainer.is_global_zero:
-            self._write_plot(pl_module)
+        spec = getattr(pl_module, "spec", None)  # our module knows the fold folder; another one has none
+        if self.plot and spec is not None and trainer.is_global_zero:
+            self._write_plot(spec)
 
-    def _write_plot(self, pl_module: pl.LightningModule) -> None:
-        spec = getattr(pl_module, "spec", None)
-        if spec is None:  # not our module: no fold folder to write into
-            return
+    def _write_plot(self, spec: Any) -> None:
         try:
             epoch_plot.write(spec.output_folder, epochs=self.epochs, reference=self.reference,
                              tolerance=self.tolerance, resumes=self.resumes, drifts=self.drifts,
