@@ -67,15 +67,19 @@ def _draw(epochs: list[dict[str, float]], reference: dict[str, float] | None, to
         epoch = int(drift["epoch"])
         y = step_ms.get(epoch, drift.get("step_median_s", 0.0) * 1000)
         ax_step.plot([epoch], [y], "X", color=_DRIFT, ms=12, label="drift warning" if i == 0 else None)
-        text = textwrap.fill(f"epoch {epoch}: {drift['ratio'] - 1:+.0%}. {drift['cause']}", 60)
-        ax_step.annotate(text, (epoch, y), xytext=(0.02, 0.95 - 0.3 * i), textcoords="axes fraction", va="top",
+        text = textwrap.fill(f"epoch {epoch}: median step {drift['ratio'] - 1:+.0%} vs the reference. Likely cause: "
+                             f"{drift['cause']}", 70)
+        ax_step.annotate(text, (epoch, y), xytext=(0.01, 0.97 - 0.22 * i), textcoords="axes fraction", va="top",
                          fontsize=8, color=_DRIFT, arrowprops={"arrowstyle": "->", "color": _DRIFT},
                          bbox={"boxstyle": "round", "fc": "white", "ec": _DRIFT, "alpha": 0.9})
+    if drifts:  # headroom above the curve for the notes
+        ax_step.set_ylim(0, 1.25 * max(step_ms.values(), default=1.0) * (1 + 0.35 * len(drifts)))
     ax_epoch.set(ylabel="epoch time (s)", title="Epoch times (EpochTiming)")
     ax_step.set(ylabel="median step (ms)")
     ax_wait.set(ylabel="data wait (% of train time)", xlabel="epoch")
     for ax in (ax_epoch, ax_step, ax_wait):
-        ax.set_ylim(bottom=0)
+        if ax is not ax_step or not drifts:
+            ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     if x:
