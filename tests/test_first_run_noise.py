@@ -27,6 +27,8 @@ ALLOWED = [re.compile(p) for p in (
     r".*The `srun` command is available on your system but is not used\. HINT: .*",
     r"Network: ResidualEncoderUNet \(.*\), [\d.]+ M parameters \(.*\)\.",  # ours (instead of a FLOPs-less table)
     r"CudaMemoryCap: .*", r"CudnnPinning: .*", r"GpuMonitor: .*", r"EpochTiming: .*",
+    # the same callbacks' warnings (a drift, another process on the GPU), printed with their source line
+    r".*resenc_lightning/callbacks/\w+\.py:\d+: (CudaMemoryCap|CudnnPinning|GpuMonitor|EpochTiming): .*",
     r"nnU-Net export: .*",
     r"Epoch \d+/\d+  train_loss .*",
     r"`Trainer\.fit` stopped: `max_epochs=\d+` reached\.",

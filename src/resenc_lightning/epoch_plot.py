@@ -61,7 +61,8 @@ def _draw(epochs: list[dict[str, float]], reference: dict[str, float] | None, to
         for ax in (ax_epoch, ax_step, ax_wait):
             ax.axvline(epoch - 0.5, color=_RESUME, ls="--", lw=1.5, label="resume" if i == 0 else None)
         ax_epoch.annotate(f"resume at epoch {epoch}", (epoch - 0.5, 1), xycoords=("data", "axes fraction"),
-                          xytext=(3, -3), textcoords="offset points", va="top", fontsize=8, color=_RESUME)
+                          xytext=(3, -3), textcoords="offset points", va="top", fontsize=8, color=_RESUME,
+                          bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
     step_ms = {int(e["epoch"]): e["step_median_s"] * 1000 for e in epochs}
     for i, drift in enumerate(drifts):
         epoch = int(drift["epoch"])
@@ -77,6 +78,8 @@ def _draw(epochs: list[dict[str, float]], reference: dict[str, float] | None, to
     ax_epoch.set(ylabel="epoch time (s)", title="Epoch times (EpochTiming)")
     ax_step.set(ylabel="median step (ms)")
     ax_wait.set(ylabel="data wait (% of train time)", xlabel="epoch")
+    if epochs:  # headroom for the resume labels above the highest epoch
+        ax_epoch.set_ylim(0, 1.15 * max(e["epoch_s"] for e in epochs))
     for ax in (ax_epoch, ax_step, ax_wait):
         if ax is not ax_step or not drifts:
             ax.set_ylim(bottom=0)
