@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from resenc_lightning import demo
+from resenc_lightning import demo, quiet
 from resenc_lightning.atomic import AtomicCheckpointIO, CheckpointWriteError
 from resenc_lightning.callbacks.cudnn_pinning import CudnnPinning
 from resenc_lightning.callbacks.epoch_timing import EpochTiming
@@ -54,7 +54,10 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "num_sanity_val_steps": 0,  # nnU-Net does not validate before training (and it would shift RNG)
     "use_distributed_sampler": False,  # each rank draws its own random cases, like nnU-Net
     "check_val_every_n_epoch": 1,
-    "log_every_n_steps": 50,
+    "log_every_n_steps": 50,  # lowered to the epoch's length when shorter (the demo's 12): we log per epoch
+    # Lightning's table would show a FLOPs column of zeros (it counts FLOPs only with an example input, a full
+    # forward pass we do not spend); the CLI prints one line with the network and its size instead.
+    "enable_model_summary": False,
 }
 #: Our boolean options also work bare, as nnU-Net's flags (`--resume` = `--resume true`; `--resume false` still works).
 BARE_FLAG: dict[str, Any] = {"nargs": "?", "const": True}
@@ -170,6 +173,10 @@ class ResEncLightningCLI(LightningCLI):
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         config["default_root_dir"] = config.get("default_root_dir") or str(out)
+        iterations = int(self.datamodule.num_iterations_per_epoch)
+        if config.get("log_every_n_steps") == TRAINER_DEFAULTS["log_every_n_steps"] and iterations < TRAINER_DEFAULTS[
+                "log_every_n_steps"]:
+            config["log_every_n_steps"] = iterations  # else Lightning warns that an epoch is shorter than the interval
         config["logger"] = build_fold_loggers(config.get("logger"), self.fold_loggers, out)
         if self.fold_loggers:
             self._get(self.config, "trainer").logger = self.logger_config
@@ -360,11 +367,17 @@ def deterministic_mode(requested: Any, on_cuda: bool) -> Any:
     return requested
 
 
+#: The seed a run gets without --seed: Lightning's own fallback, given explicitly (no "No seed found" warning).
+DEFAULT_SEED = 0
+
+
 def build_cli(args: list[str] | None = None) -> ResEncLightningCLI:
+    quiet.install()
     return ResEncLightningCLI(
         ResEncUNetModule,
         NnUNetDataModule,
         run=False,
+        seed_everything_default=DEFAULT_SEED,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=SaveConfigCallback,
         save_config_kwargs={"overwrite": True},
@@ -372,6 +385,16 @@ def build_cli(args: list[str] | None = None) -> ResEncLightningCLI:
         parser_kwargs={"description": __doc__.split("\n")[0], "default_env": False},
         args=args,
     )
+
+
+def model_line(model: ResEncUNetModule) -> str:
+    """What Lightning's model summary would tell a user, in one line (`--trainer.enable_model_summary true`: its
+    table)."""
+    spec = model.spec
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"Network: {type(model.network).__name__} ({spec.plans_identifier} / {spec.configuration}), "
+            f"{params / 1e6:.1f} M parameters ({trainable / 1e6:.1f} M trainable, {params * 4 / 1e6:.1f} MB in fp32).")
 
 
 def _signal_exit_code(signum: int | None) -> int:
@@ -453,6 +476,10 @@ def _main(args: list[str] | None) -> Path | None:
         except NnUNetImportError as e:
             raise UsageError(str(e)) from None
         print(f"Initialised {len(copied)} weights from {cli.config['init_from_nnunet']}", flush=True)
+    if cli.trainer.is_global_zero:
+        print(model_line(cli.model), flush=True)
+    if ckpt_path is not None:
+        quiet.resuming(cli.checkpoint_dir)
     fit(cli, ckpt_path, keep_signals=True)
     try:
         if cli.config.get("final_validation") and not cli.trainer.interrupted:

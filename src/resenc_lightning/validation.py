@@ -11,11 +11,17 @@ cascade's inputs to `<model folder>/predicted_next_stage/<next stage>/`; a casca
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -64,7 +70,8 @@ def run_final_validation(network: torch.nn.Module, spec: RunSpec, device: torch.
     was_training = network.training
     had_deep_supervision = bool(recipe.unwrap_network(network).decoder.deep_supervision)
     try:
-        nnUNetTrainer.perform_actual_validation(view, save_probabilities=save_probabilities)
+        with predictor_on(device):
+            nnUNetTrainer.perform_actual_validation(view, save_probabilities=save_probabilities)
     finally:
         network.train(was_training)
         # nnU-Net switches DS on here unconditionally; restoring keeps a DS-off network DS-off
@@ -73,6 +80,32 @@ def run_final_validation(network: torch.nn.Module, spec: RunSpec, device: torch.
     if view.local_rank == 0 and (surface := write_surface_summary(spec, folder / "validation", surface_tolerance_mm)):
         result["summary_surface"] = str(surface)
     return result
+
+
+#: What nnunetv2's predictor prints whenever it is built for a non-CUDA device, whatever it was asked for.
+CPU_PREDICTOR_LINE = "perform_everything_on_device=True is only supported for cuda devices! Setting this to False"
+
+
+@contextmanager
+def predictor_on(device: torch.device) -> Iterator[None]:
+    """perform_actual_validation builds its predictor with `perform_everything_on_device=True`; on a CPU the predictor
+    turns that off itself and prints a line the user cannot act on (it prints it even when asked for False). Build it
+    with the setting it will use, and drop that one line of its constructor's output (anything else is printed)."""
+    if device.type == "cuda":
+        yield
+        return
+    predictor = trainer_module.nnUNetPredictor
+
+    def on_cpu(*args: Any, **kwargs: Any) -> Any:
+        with redirect_stdout(io.StringIO()) as said:
+            built = predictor(*args, **{**kwargs, "perform_everything_on_device": False})
+        other = [line for line in said.getvalue().splitlines() if line != CPU_PREDICTOR_LINE]
+        if other:
+            print("\n".join(other), flush=True)
+        return built
+
+    with mock.patch.object(trainer_module, "nnUNetPredictor", on_cpu):
+        yield
 
 
 def write_surface_summary(spec: RunSpec, validation_folder: Path, tolerance_mm: float = 1.0) -> Path | None:
@@ -94,6 +127,7 @@ def write_surface_summary(spec: RunSpec, validation_folder: Path, tolerance_mm: 
     gt_folder = spec.preprocessed_base / "gt_segmentations"
     classes = lm.foreground_regions if lm.has_regions else lm.foreground_labels
     per_case = []
+    empty: dict[str, list[str]] = {}  # class -> cases where the prediction or the reference has none of it
     for pred_file in sorted(validation_folder.glob(f"*{ending}")):
         gt, props = reader.read_seg(str(gt_folder / pred_file.name))
         pred, _ = reader.read_seg(str(pred_file))
@@ -103,17 +137,27 @@ def write_surface_summary(spec: RunSpec, validation_folder: Path, tolerance_mm: 
             values = c if isinstance(c, (list, tuple)) else [c]
             masks_p.append(np.isin(pred[0], values))
             masks_g.append(np.isin(gt[0], values))
+        for c, mp, mg in zip(classes, masks_p, masks_g):
+            if not (mp.any() and mg.any()):
+                empty.setdefault(str(c), []).append(pred_file.name)
         p = torch.from_numpy(np.stack(masks_p)[None].astype(np.float32))
         g = torch.from_numpy(np.stack(masks_g)[None].astype(np.float32))
-        hd95 = compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=spacing)[0]
-        nsd = compute_surface_dice(p, g, class_thresholds=[tolerance_mm] * len(classes), include_background=True,
-                                   spacing=spacing)[0]
+        with warnings.catch_warnings():  # MONAI warns per case and metric; one line of ours below says it once
+            warnings.filterwarnings("ignore", message=r"the (prediction|ground truth) of class \S+ is all 0",
+                                    module=r"monai\.metrics\.")
+            hd95 = compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=spacing)[0]
+            nsd = compute_surface_dice(p, g, class_thresholds=[tolerance_mm] * len(classes), include_background=True,
+                                       spacing=spacing)[0]
         per_case.append({"prediction_file": str(pred_file), "reference_file": str(gt_folder / pred_file.name),
                          "metrics": {str(c): {"HD95": _num(h), "NSD": _num(n)} for c, h, n in zip(classes, hd95, nsd)}})
     mean = {}
     for c in map(str, classes):
         mean[c] = {m: _nanmean([case["metrics"][c][m] for case in per_case]) for m in ("HD95", "NSD")}
     out = validation_folder / "summary_surface.json"
+    for c, cases in empty.items():
+        print(f"{out.name}: class {c} is absent from the prediction or the reference of {len(cases)} case(s) "
+              f"({', '.join(cases[:3])}{', ...' if len(cases) > 3 else ''}); their HD95/NSD are null and left out of "
+              f"the mean.", flush=True)
     atomic_write_text(out, json.dumps({"tolerance_mm": tolerance_mm, "metric_per_case": per_case, "mean": mean}, indent=2))
     return out
 

@@ -9,6 +9,10 @@ for here), but without it drift would never be reported for the run. On drift be
 ``tolerance`` one warning names the most likely cause from the evidence at hand: other processes
 on the GPU, data loading (more waiting for batches), or less memory reserved than the reference
 (cuDNN picked smaller-workspace, slower algorithms).
+
+Rank 0 also draws the history into `epoch_times.png` in the fold folder every epoch (`epoch_plot.py`): the
+per-epoch history, the resume points and the drift warnings live in the callback's checkpoint state, so the
+picture of a resumed run still shows the epochs, the reference and the resumes before it.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from resenc_lightning import gpu_info, nvml_pids, rank_report
+from resenc_lightning import epoch_plot, gpu_info, nvml_pids, rank_report
 
 
 class EpochTiming(pl.Callback):
@@ -34,17 +39,22 @@ class EpochTiming(pl.Callback):
         cuda_sync: synchronise CUDA at every step end (exact per-step GPU times, but a host-device sync per
             step that nnU-Net's loop does not need). Off: epoch boundaries are synchronised, steps are timed
             between launches, which in steady state is the GPU time because the launch queue is bounded.
+        plot: write `epoch_times.png` (epoch/step times, data wait, reference band, resumes, drift) into the fold
+            folder every epoch, next to nnU-Net's progress.png (rank 0).
     """
 
     def __init__(self, enabled: bool = True, tolerance: float = 0.10, reference_skip_epochs: int = 1,
-                 cuda_sync: bool = False) -> None:
+                 cuda_sync: bool = False, plot: bool = True) -> None:
         self.enabled = enabled
         self.tolerance = tolerance
         self.reference_skip_epochs = reference_skip_epochs
         self.cuda_sync = cuda_sync
+        self.plot = plot
         self.reference: dict[str, float] | None = None
         self.reference_resumed = False  # taken by a resumed run (the fresh one stopped before its reference epoch)
         self.epochs: list[dict[str, float]] = []
+        self.resumes: list[int] = []  # the epoch each resumed process started in
+        self.drifts: list[dict[str, Any]] = []  # every drift warning of the run: epoch, ratio, step, named cause
         self.warning: str | None = None
         self._warned = False
         self._start_epoch: int | None = None  # this process's first epoch
@@ -54,7 +64,7 @@ class EpochTiming(pl.Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self._epoch_start = 0.0
+        self._epoch_start: float | None = None
         self._last_end: float | None = None
         self._step_start = 0.0
         self._steps: list[float] = []
@@ -69,6 +79,8 @@ class EpochTiming(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._start_epoch is None:
             self._start_epoch = trainer.current_epoch
+            if self._restored:
+                self.resumes.append(trainer.current_epoch)
         if pl_module.device.type == "cuda":
             self._rank_pids = nvml_pids.rank_pids()  # collective: every rank starts training here
 
@@ -79,6 +91,8 @@ class EpochTiming(pl.Callback):
         self._epoch_start = self._last_end = self._now(pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._epoch_start is None:  # resumed mid-epoch: Lightning does not call on_train_epoch_start then
+            self.on_train_epoch_start(trainer, pl_module)
         now = time.perf_counter()
         if self._last_end is not None:
             self._wait += now - self._last_end  # blocked on the next batch (plus negligible loop overhead)
@@ -93,10 +107,12 @@ class EpochTiming(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or not self._steps:
             return
+        assert self._epoch_start is not None  # set by the epoch's start or its first batch
         epoch_s = self._now(pl_module) - self._epoch_start
         train_s = sum(self._steps) + self._wait
         record = {
-            "epoch": float(trainer.current_epoch), "epoch_s": epoch_s, "step_median_s": statistics.median(self._steps),
+            "epoch": float(trainer.current_epoch), "epoch_s": epoch_s, "steps": float(len(self._steps)),
+            "step_median_s": statistics.median(self._steps),
             "data_wait_frac": self._wait / train_s if train_s > 0 else 0.0,
             "reserved_gb": torch.cuda.max_memory_reserved(pl_module.device) / 2**30
             if pl_module.device.type == "cuda" else 0.0,
@@ -110,6 +126,17 @@ class EpochTiming(pl.Callback):
         self._update_reference(trainer, record)
         if self._compare and not self._warned:
             self._check_drift(trainer, pl_module, record)
+        spec = getattr(pl_module, "spec", None)  # our module knows the fold folder; another one has none
+        if self.plot and spec is not None and trainer.is_global_zero:
+            self._write_plot(spec)
+
+    def _write_plot(self, spec: Any) -> None:
+        try:
+            epoch_plot.write(spec.output_folder, epochs=self.epochs, reference=self.reference,
+                             tolerance=self.tolerance, resumes=self.resumes, drifts=self.drifts,
+                             reference_resumed=self.reference_resumed)
+        except Exception as e:  # a plotting or disk problem must never stop training; the history is in the state
+            rank_zero_info(f"EpochTiming: {epoch_plot.FILE_NAME} not written ({e}).")
 
     @staticmethod
     def _per_rank(pl_module: pl.LightningModule, record: dict[str, float]) -> dict[str, float]:
@@ -137,6 +164,8 @@ class EpochTiming(pl.Callback):
             return
         self._warned = True
         cause = self.likely_cause(record, ref, pl_module)
+        self.drifts.append({"epoch": int(record["epoch"]), "ratio": ratio, "step_median_s": record["step_median_s"],
+                            "cause": cause})
         self.warning = (
             f"EpochTiming: resumed epoch {int(record['epoch'])} median step {record['step_median_s'] * 1000:.0f} ms is "
             f"{ratio - 1:+.0%} vs the {'first resumed' if self.reference_resumed else 'fresh'} run's "
@@ -167,11 +196,14 @@ class EpochTiming(pl.Callback):
 
     # -- checkpoint state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": self.reference, "reference_resumed": self.reference_resumed, "epochs": self.epochs}
+        return {"reference": self.reference, "reference_resumed": self.reference_resumed, "epochs": self.epochs,
+                "resumes": self.resumes, "drifts": self.drifts}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reference = state_dict.get("reference")
         self.reference_resumed = bool(state_dict.get("reference_resumed", False))
         self.epochs = list(state_dict.get("epochs", []))
+        self.resumes = list(state_dict.get("resumes", []))
+        self.drifts = list(state_dict.get("drifts", []))
         self._restored = True
         self._compare = self.reference is not None

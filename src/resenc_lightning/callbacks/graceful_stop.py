@@ -117,7 +117,7 @@ class GracefulStop(pl.Callback):
             rank_zero_info(f"Saved {self.saved_to} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
                            f"the requeued job resumes from it.")
             return
-        trainer.save_checkpoint(self.checkpoint_path)
+        trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # a full checkpoint, said explicitly
         self.saved_to = self.checkpoint_path
         rank_zero_info(f"Saved {self.checkpoint_path} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
                        f"continue with --resume.")
