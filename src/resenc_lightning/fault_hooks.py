@@ -19,6 +19,7 @@ Under DDP each rank uses `<marker>.rank<N>`. Unset (every real run), the CLI add
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,7 +65,7 @@ def pause_before_rename(path: Path) -> None:
     """The `write=NAME` event, called by `atomic_write` between fsync and rename."""
     spec = pause_spec()
     if spec is not None and spec[0] == "write" and path.name == spec[1]:
-        pause(spec[2], str(path))
+        pause(spec[2], f"{path} on thread {threading.current_thread().name}")
 
 
 def waiting_for_writes() -> None:
