@@ -58,14 +58,14 @@ def test_one_boundary_is_serialised_once_and_the_other_files_are_hard_links(tmp_
     io.flush()
     ckpt["state_dict"]["network.w"].add_(1)  # training goes on while the writer writes: it wrote the snapshot
     io.teardown()
-    assert [name for name, _ in calls] == ["last.ckpt", "checkpoint_best.pth"]
+    assert [name for name, _ in calls] == ["last.ckpt"]  # one serialisation for the three files
     assert all(thread != threading.main_thread().name for _, thread in calls)
-    last, best = tmp_path / "last.ckpt", tmp_path / "best.ckpt"
-    assert last.stat().st_ino == best.stat().st_ino  # one file, two names
-    written = torch.load(last, weights_only=True)
+    last, best, exported = tmp_path / "last.ckpt", tmp_path / "best.ckpt", tmp_path / "checkpoint_best.pth"
+    assert last.stat().st_ino == best.stat().st_ino == exported.stat().st_ino  # one file, three names
+    assert last.stat().st_size < 2 * 1000 * 4 + 4000  # each tensor stored once although two formats refer to it
+    written = torch.load(exported, weights_only=True)  # plain data only: loads without Lightning
     assert written["callbacks"] == {"cb": 1} and torch.equal(written["state_dict"]["network.w"], expected)
-    assert torch.equal(torch.load(tmp_path / "checkpoint_best.pth", weights_only=True)["network_weights"]["w"],
-                       expected)
+    assert written["current_epoch"] == 1 and torch.equal(written["network_weights"]["w"], expected)
     assert not [p for p in tmp_path.iterdir() if TMP_MARKER in p.name]
 
 
@@ -120,6 +120,10 @@ def test_the_cuda_snapshot_goes_to_pinned_host_memory_with_one_synchronisation(m
     assert torch.equal(out["state_dict"]["network.w"], ckpt["state_dict"]["network.w"])
     snap({"again": ckpt["state_dict"]["network.w"]})  # same tensor, same version: the copy is reused
     assert len(allocated) == 2 and snap.nbytes == 2 * 10 * 4
+    ckpt["state_dict"]["network.w"].add_(1)  # a training step later, the next boundary: the written buffers serve
+    nxt = HostSnapshot(snap.buffers())(ckpt)
+    assert len(allocated) == 2 and len(synced) == 2
+    assert torch.equal(nxt["state_dict"]["network.w"], ckpt["state_dict"]["network.w"])
 
 
 QUIET = ("--final_validation", "false", "--nnunet_export.plot_progress", "false", "--model.num_epochs", "3",

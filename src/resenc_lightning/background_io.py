@@ -7,14 +7,20 @@ equalise. `BackgroundCheckpointIO` snapshots to (pinned) host memory instead, an
 `last.ckpt`, `best.ckpt` and `epoch_NNNN.ckpt` of the same epoch and step are one `torch.save` (the dict of the
 boundary's last call, which carries every ModelCheckpoint's updated state), the other names are hard links to the
 finished file (linked to a temporary name, then renamed: still atomic). nnU-Net-format files (`save_derived`) come
-from the same host snapshot: a tensor already copied for this boundary is not copied again.
+from the same host snapshot: a tensor already copied for this boundary is not copied again. When a boundary has both
+(an improving epoch: last, best and checkpoint_best.pth), the one serialised dict holds Lightning's keys and
+nnU-Net's (they are disjoint; nnU-Net's `network_weights` and `optimizer_state` are the same host tensors as
+Lightning's `state_dict` and `optimizer_states`, so torch.save stores each tensor once) and checkpoint_best.pth is a
+link to it too: the state is serialised once per epoch. Every key of either format is plain data (the file loads with
+`weights_only=True`), so nnU-Net's loaders, which read only their keys, work without Lightning installed.
 
-Ordering and waits: one writer thread runs the jobs in submission order, and a new boundary's batch is submitted
-only after the previous batch has finished, so a file is never written twice at once and at most one boundary's
-snapshot is held besides the one being taken. A write error is kept and raised on the training thread at the next
-boundary (`flush`/`wait`/`save_checkpoint`) as the one-line `CheckpointWriteError` of `atomic.py`; the failed file's
-temporary is gone and the previous file intact. `synchronous()` (stop signals, requeue) writes on the caller thread
-after the queue has drained.
+Ordering and waits: one writer thread runs the jobs in submission order, and a new boundary's snapshot starts only
+after the previous boundary's writes have finished (in a real run they finished long before: an epoch takes far
+longer than a write), so a file is never written twice at once, and the host buffers of the previous snapshot are
+reused: one state's worth of (pinned) host memory in all, allocated once. A write error is kept and raised on the
+training thread at the next boundary (`flush`/`wait`/`save_checkpoint`) as the one-line `CheckpointWriteError` of
+`atomic.py`; the failed file's temporary is gone and the previous file intact. `synchronous()` (stop signals,
+requeue) writes on the caller thread after the queue has drained.
 """
 
 from __future__ import annotations
@@ -42,11 +48,14 @@ from resenc_lightning.fault_hooks import PAUSE_ENV, pause_before_rename, waiting
 class HostSnapshot:
     """Copies tensors to host memory once per boundary, keyed by storage address, shape and version counter (an
     in-place update bumps the version, so a stale copy is never reused). Device tensors go to pinned memory with
-    non-blocking copies and one synchronisation (`finish`); no tensor is ever cloned on the device."""
+    non-blocking copies and one synchronisation (`finish`); no tensor is ever cloned on the device. The host buffers
+    come from `pool` (the previous boundary's, already written) when shapes match: no allocation, no page faults,
+    no repeated pinning after the first boundary."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: dict[tuple, list[torch.Tensor]] | None = None) -> None:
         self._copies: dict[tuple, torch.Tensor] = {}
         self._devices: set[torch.device] = set()
+        self._pool = pool if pool is not None else {}
         self.nbytes = 0  # host bytes held by this snapshot
 
     def __call__(self, obj: Any) -> Any:
@@ -68,9 +77,11 @@ class HostSnapshot:
         return copy
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        if on_host(t):
-            return t.clone()  # training updates parameters in place: the writer needs its own copy
-        out = pinned_empty(t)
+        host = on_host(t)
+        free = self._pool.get((tuple(t.shape), t.dtype, host))
+        out = free.pop() if free else (torch.empty(t.shape, dtype=t.dtype) if host else pinned_empty(t))
+        if host:
+            return out.copy_(t)  # training updates parameters in place: the writer needs its own copy
         out.copy_(t, non_blocking=True)
         self._devices.add(t.device)
         return out
@@ -80,6 +91,13 @@ class HostSnapshot:
         for device in self._devices:
             synchronize(device)
         self._devices.clear()
+
+    def buffers(self) -> dict[tuple, list[torch.Tensor]]:
+        """The host buffers, as a pool for the next boundary (call only once the writes that use them are done)."""
+        pool: dict[tuple, list[torch.Tensor]] = {}
+        for (device, _, _, _, _, _), copy in self._copies.items():
+            pool.setdefault((tuple(copy.shape), copy.dtype, device.type == "cpu"), []).append(copy)
+        return pool
 
 
 # -- the device calls, one place each (tests replace them to exercise the CUDA path without a GPU)
@@ -97,20 +115,30 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass
 class _Batch:
-    """One boundary's saves: the Lightning files (one serialisation) and the jobs that follow it in order."""
+    """One boundary's saves: the Lightning files, the nnU-Net files, and the jobs that follow them, in order."""
 
     key: tuple
     snapshot: HostSnapshot = field(default_factory=HostSnapshot)
     checkpoint: dict | None = None
     paths: list[Path] = field(default_factory=list)
+    derived: list[tuple[int, Any, Path]] = field(default_factory=list)  # (id of the source dict, host copy, path)
     jobs: list[Callable[[], None]] = field(default_factory=list)
 
     def run(self) -> None:
+        derived = list(self.derived)
         if self.checkpoint is not None:
-            first, *others = self.paths
-            atomic_save(self.checkpoint, first)
+            obj, paths = self.checkpoint, list(self.paths)
+            if derived and len({source for source, _, _ in derived}) == 1 and not set(derived[0][1]) & set(obj):
+                # one file that is both: Lightning's keys and nnU-Net's, the tensors stored once (see module doc)
+                obj = {**obj, **derived[0][1]}
+                paths += [path for _, _, path in derived]
+                derived = []
+            first, *others = paths
+            atomic_save(obj, first)
             for other in others:
                 atomic_link(first, other)
+        for _, obj, path in derived:
+            atomic_save(obj, path)
         for job in self.jobs:
             job()
 
@@ -144,6 +172,7 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
         super().__init__(checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO())
         self._batch: _Batch | None = None
         self._pending: Future | None = None
+        self._pool: dict[tuple, list[torch.Tensor]] = {}  # the last written boundary's host buffers
         self._sync = False
         self._lock = threading.Lock()
         self.peak_snapshot_bytes = 0
@@ -185,8 +214,7 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
             self.wait()
             return atomic_save(apply_to_collection(obj, torch.Tensor, lambda t: t.detach().cpu()), path)
         batch = self._batch_for(key)
-        copy = batch.snapshot(obj)
-        batch.jobs.append(lambda: atomic_save(copy, path))
+        batch.derived.append((id(obj), batch.snapshot(obj), Path(path)))
         self._note_memory(batch)
 
     def then(self, job: Callable[[], None], key: tuple) -> None:
@@ -197,12 +225,11 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
         self._batch_for(key).jobs.append(job)
 
     def flush(self) -> None:
-        """Close the current boundary: submit its writes, after the previous boundary's have finished."""
+        """Close the current boundary: submit its writes (the previous boundary's finished before it began)."""
         self.raise_error()
         batch, self._batch = self._batch, None
         if batch is None:
             return
-        self._wait_pending()
         self._ensure_setup()
         assert self._executor is not None
         self._pending = self._executor.submit(self._run, batch)
@@ -239,7 +266,12 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
         if self._batch is not None and self._batch.key != key:
             self.flush()
         if self._batch is None:
-            self._batch = _Batch(key)
+            # The previous boundary's writes finish first: a file is never written twice at once, its host buffers
+            # are reused (one state's worth of host memory in all), and its error is raised here, at this boundary.
+            self._wait_pending()
+            self.raise_error()
+            self._batch = _Batch(key, HostSnapshot(self._pool))
+            self._pool = {}
         return self._batch
 
     def _wait_pending(self) -> None:
@@ -255,6 +287,8 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
         except BaseException as e:
             with self._lock:
                 self._error = self._error or e
+        finally:
+            self._pool = batch.snapshot.buffers()  # read only after this future is done (`_wait_pending`)
 
     def _note_memory(self, batch: _Batch) -> None:
         self.peak_snapshot_bytes = max(self.peak_snapshot_bytes, batch.snapshot.nbytes)
