@@ -54,6 +54,7 @@ class HostSnapshot:
 
     def __init__(self, pool: dict[tuple, list[torch.Tensor]] | None = None) -> None:
         self._copies: dict[tuple, torch.Tensor] = {}
+        self._pinned: set[tuple] = set()  # keys whose copy is a pinned buffer of a device tensor
         self._devices: set[torch.device] = set()
         self._pool = pool if pool is not None else {}
         self.nbytes = 0  # host bytes held by this snapshot
@@ -73,6 +74,8 @@ class HostSnapshot:
         copy = self._copies.get(key)
         if copy is None:
             copy = self._copies[key] = self._to_host(t)
+            if not on_host(t):
+                self._pinned.add(key)
             self.nbytes += copy.numel() * copy.element_size()
         return copy
 
@@ -95,8 +98,8 @@ class HostSnapshot:
     def buffers(self) -> dict[tuple, list[torch.Tensor]]:
         """The host buffers, as a pool for the next boundary (call only once the writes that use them are done)."""
         pool: dict[tuple, list[torch.Tensor]] = {}
-        for (device, _, _, _, _, _), copy in self._copies.items():
-            pool.setdefault((tuple(copy.shape), copy.dtype, device.type == "cpu"), []).append(copy)
+        for key, copy in self._copies.items():
+            pool.setdefault((tuple(copy.shape), copy.dtype, key not in self._pinned), []).append(copy)
         return pool
 
 
