@@ -23,6 +23,7 @@ memory. `--tiny` is a small network (the test's smoke run).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -65,11 +66,11 @@ def resenc_l_network(tiny: bool) -> torch.nn.Module:
 class State:
     """Network, SGD (nnU-Net's settings) with momentum buffers, grad scaler: what a checkpoint holds."""
 
-    def __init__(self, tiny: bool) -> None:
-        self.network = resenc_l_network(tiny)
+    def __init__(self, tiny: bool, device: str = "cpu") -> None:
+        self.network = resenc_l_network(tiny).to(device)
         self.optimizer = torch.optim.SGD(self.network.parameters(), lr=1e-2, momentum=0.99, nesterov=True,
                                          weight_decay=3e-5)
-        self.scaler = torch.amp.GradScaler("cpu")
+        self.scaler = torch.amp.GradScaler(torch.device(device).type)
         self.epoch = 0
         self.step()
 
@@ -108,6 +109,7 @@ class State:
 
 
 def timed(fn) -> float:
+    os.sync()  # untimed: the previous arm's dirty pages are on disk, no arm pays for another's writeback
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -126,8 +128,9 @@ def ours(io: BackgroundCheckpointIO, state: State, folder: Path, improving: bool
         io.flush()  # what CheckpointBoundaries does at the next epoch's start
 
     on_thread = timed(epoch_end)
-    writer = timed(io.wait)  # overlaps the next epoch's training in a real run
-    return on_thread, writer + on_thread
+    start = time.perf_counter()
+    io.wait()  # the writer's time overlaps the next epoch's training in a real run
+    return on_thread, time.perf_counter() - start + on_thread
 
 
 def before(state: State, folder: Path) -> float:
@@ -152,11 +155,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                                                "folder under the system's temp dir)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per arm (median reported)")
     parser.add_argument("--tiny", action="store_true", help="a small network (smoke test)")
+    parser.add_argument("--device", default="cpu", help="where the state lives: cpu, or cuda (snapshot to pinned host "
+                                                         "memory; the figure the issue's goal is about)")
     parser.add_argument("--skip-before", action="store_true", help="do not time the previous synchronous path")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    state = State(args.tiny)
+    state = State(args.tiny, args.device)
     params = sum(p.numel() for p in state.network.parameters())
     serialised: list[int] = []
     real_save = background_io.atomic_save
@@ -174,32 +179,34 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=parent, prefix="ckpt_bench_") as tmp:
         folder = Path(tmp)
+        for arm in ("ours", "before", "nnunet"):  # each arm replaces only its own files
+            (folder / arm).mkdir()
         io = BackgroundCheckpointIO()
         for _ in range(args.epochs):
-            rows["nnunet"].append(nnunet(state, folder))
+            rows["nnunet"].append(nnunet(state, folder / "nnunet"))
             state.step()
             serialised.clear()
-            t, w = ours(io, state, folder, improving=True)
+            t, w = ours(io, state, folder / "ours", improving=True)
             rows["improving"].append(t)
             rows["improving_writer"].append(w)
             bytes_improving.append(sum(serialised))
             state.step()
             serialised.clear()
-            t, w = ours(io, state, folder, improving=False)
+            t, w = ours(io, state, folder / "ours", improving=False)
             bytes_plain.append(sum(serialised))
             rows["plain"].append(t)
             rows["plain_writer"].append(w)
             if not args.skip_before:
                 state.step()
-                rows["before"].append(before(state, folder))
+                rows["before"].append(before(state, folder / "before"))
             state.step()
         io.teardown()
     background_io.atomic_save = real_save
 
     med = {k: statistics.median(v) for k, v in rows.items() if v}
     state_mib = state.nbytes / MIB
-    print(f"State: ResidualEncoderUNet{' (tiny)' if args.tiny else ' (ResEnc L)'}, {params / 1e6:.1f} M parameters; "
-          f"weights + SGD momentum {state_mib:.0f} MiB; folder {parent}; median of {args.epochs} epochs, ms")
+    print(f"State: ResidualEncoderUNet{' (tiny)' if args.tiny else ' (ResEnc L)'}, {params / 1e6:.1f} M parameters on "
+          f"{args.device}; weights + SGD momentum {state_mib:.0f} MiB; folder {parent}; median of {args.epochs} epochs")
     print()
     print("| per epoch | training thread (ms) | writer thread (ms) | bytes serialised |")
     print("|---|---|---|---|")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_args, wait_for
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from test_faults import FOLD, load, log_of, pause_at, paused, spawn, temporaries
 
 from resenc_lightning import background_io
@@ -22,6 +23,9 @@ from resenc_lightning.atomic import TMP_MARKER, CheckpointWriteError
 from resenc_lightning.background_io import BackgroundCheckpointIO, HostSnapshot
 from resenc_lightning.background_io import background_io as io_of
 from resenc_lightning.cli import build_cli
+
+NNUNET_KEYS = {"network_weights", "optimizer_state", "grad_scaler_state", "logging", "_best_ema", "current_epoch",
+               "init_args", "trainer_name", "inference_allowed_mirroring_axes"}
 
 
 def state(n: int = 1000) -> dict:
@@ -133,16 +137,28 @@ QUIET = ("--final_validation", "false", "--nnunet_export.plot_progress", "false"
 def test_resume_from_a_background_written_checkpoint_is_bit_identical(tiny_dataset, tmp_path, monkeypatch):
     calls = counting_saves(monkeypatch)
 
+    folds = {}
+
     def fit(folder: str, epochs: int, *extra: str) -> dict:
         cli = build_cli(tiny_args(tmp_path / folder, *QUIET, *extra, epochs=epochs, iters=3, val_iters=1))
         assert io_of(cli.trainer) is not None
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resolve_ckpt_path())
+        folds[folder] = cli.output_folder
         return torch.load(cli.checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=True)
 
     reference = fit("a", 3)
     stopped = fit("b", 2)  # the run ends after epoch 1: last.ckpt of epoch 1 was written by the writer thread
     assert stopped["epoch"] == 1
     assert ("last.ckpt", threading.main_thread().name) not in calls and ("last.ckpt" in {n for n, _ in calls})
+    # the best epoch's three files are one serialisation; nnU-Net's predictor loads it as its checkpoint_best.pth
+    fold = folds["b"]
+    assert (fold / "checkpoint_best.pth").samefile(fold / "checkpoints" / "best.ckpt")
+    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(fold.parent), use_folds=(0,), checkpoint_name="checkpoint_best.pth")
+    exported = torch.load(fold / "checkpoint_best.pth", map_location="cpu", weights_only=True)
+    assert NNUNET_KEYS <= set(exported) and exported["trainer_name"] == "nnUNetTrainer"
+    for key, value in predictor.list_of_parameters[0].items():
+        assert torch.equal(value, exported["network_weights"][key]), key
     resumed = fit("b", 3, "--resume", "true")
     assert resumed["global_step"] == reference["global_step"] == 9
     for key, value in reference["state_dict"].items():
