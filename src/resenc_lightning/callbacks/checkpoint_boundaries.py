@@ -9,6 +9,7 @@ rank 0's writes are done, so no rank reads or overwrites a file rank 0 is still 
 from __future__ import annotations
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 
 from resenc_lightning.background_io import background_io
 
@@ -26,7 +27,10 @@ class CheckpointBoundaries(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         io = background_io(trainer)
         if io is not None and io.pending:
-            io.wait()  # what was saved before the failure is still written completely
+            try:
+                io.wait()  # what was saved before the failure is still written completely
+            except Exception as e:  # the failure in hand is the one to report; this one is said in a line
+                rank_zero_warn(f"{e}")
 
 
 def wait_for_checkpoints(trainer: pl.Trainer, note: str | None = None) -> None:
