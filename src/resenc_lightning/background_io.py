@@ -5,13 +5,14 @@ Lightning's `AsyncCheckpointIO` is the base (its executor, its teardown wait), b
 tensor where it lives, i.e. on the GPU: the extra device memory would change the memory picture the cuDNN callbacks
 equalise. `BackgroundCheckpointIO` snapshots to (pinned) host memory instead, and batches the saves of one boundary:
 `last.ckpt`, `best.ckpt` and `epoch_NNNN.ckpt` of the same epoch and step are one `torch.save` (the dict of the
-boundary's last call, which carries every ModelCheckpoint's updated state), the other names are hard links to the
-finished file (linked to a temporary name, then renamed: still atomic). nnU-Net-format files (`save_derived`) come
-from the same host snapshot: a tensor already copied for this boundary is not copied again. When a boundary has both
+boundary's last call, which carries every ModelCheckpoint's updated state), the other names are kernel copies of the
+finished file (to a temporary name, then renamed: still atomic; copies, not hard links, see `copy_finished`).
+nnU-Net-format files (`save_derived`) come from the same host snapshot: a tensor already copied for this boundary is
+not copied again. When a boundary has both
 (an improving epoch: last, best and checkpoint_best.pth), the one serialised dict holds Lightning's keys and
 nnU-Net's (they are disjoint; nnU-Net's `network_weights` and `optimizer_state` are the same host tensors as
 Lightning's `state_dict` and `optimizer_states`, so torch.save stores each tensor once) and checkpoint_best.pth is a
-link to it too: the state is serialised once per epoch. Every key of either format is plain data (the file loads with
+copy of it too: the state is serialised once per epoch. Every key of either format is plain data (the file loads with
 `weights_only=True`), so nnU-Net's loaders, which read only their keys, work without Lightning installed.
 
 Ordering and waits: one writer thread runs the jobs in submission order, and a new boundary's snapshot starts only
@@ -41,8 +42,8 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from resenc_lightning.atomic import AtomicCheckpointIO, _fsync_dir, atomic_save, atomic_write, temporary_path
-from resenc_lightning.fault_hooks import PAUSE_ENV, pause_before_rename, waiting_for_writes
+from resenc_lightning.atomic import AtomicCheckpointIO, atomic_save, atomic_write
+from resenc_lightning.fault_hooks import PAUSE_ENV, waiting_for_writes
 
 
 class HostSnapshot:
@@ -139,32 +140,34 @@ class _Batch:
             first, *others = paths
             atomic_save(obj, first)
             for other in others:
-                atomic_link(first, other)
+                copy_finished(first, other)
         for _, obj, path in derived:
             atomic_save(obj, path)
         for job in self.jobs:
             job()
 
 
-def atomic_link(source: Path, target: Path) -> None:
-    """`target` becomes the finished `source` file: hard link to a temporary name, then rename (a copy where the
-    filesystem has no hard links). Either the old or the new `target` exists at any moment."""
-    tmp = temporary_path(target)
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        with open(source, "rb") as src, atomic_write(target, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        return
-    try:
-        if PAUSE_ENV in os.environ:
-            pause_before_rename(target)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
+def copy_finished(source: Path, target: Path) -> None:
+    """`target` becomes a copy of the finished `source` file, atomically (temporary, fsync, rename). A copy, not a
+    hard link: `cp x last.ckpt` or a damaged last.ckpt must not change best.ckpt too (resume.py falls back on it).
+    The kernel copies (copy_file_range: no trip through Python, a reflink where the filesystem has them)."""
+    with open(source, "rb") as src, atomic_write(target, "wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        try:
+            copied = 0
+            while copied < size:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), size - copied)
+                if n == 0:
+                    break
+                copied += n
+        except OSError:  # not supported here (e.g. across filesystems on an old kernel): plain read/write
+            src.seek(0)
+            dst.seek(0)
+            dst.truncate()
+            shutil.copyfileobj(src, dst, 16 * 2**20)
+        else:
+            if copied < size:
+                raise OSError(f"short copy of {source} to {target}: {copied} of {size} bytes")
 
 
 class BackgroundCheckpointIO(AsyncCheckpointIO):
