@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         real_save(obj, path, *rest)
         serialised.append(Path(path).stat().st_size)
 
-    background_io.atomic_save = counting_save  # the writer's serialisations (hard links are not serialised)
+    background_io.atomic_save = counting_save  # the writer's serialisations (copies are not)
     rows: dict[str, list[float]] = {"improving": [], "improving_writer": [], "plain": [], "plain_writer": [],
                                     "before": [], "nnunet": []}
     bytes_improving: list[int] = []
