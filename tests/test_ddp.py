@@ -101,6 +101,11 @@ def test_two_process_ddp_fit_and_resume(b3_plans, results_dir, tmp_path):
     # Exactly one set of output files (rank 0 writes).
     out = results_dir / f"Dataset{TINY_ID}_Tiny" / f"nnUNetTrainer_Lightning__{b3_plans}__3d_fullres" / "fold_0"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    # written by rank 0's background writer; complete when the job exited (every rank waited for rank 0)
+    import torch
+
+    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
+    assert torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=True)["current_epoch"] == 2
     assert [p.name for p in (out / "logs").iterdir()] == ["version_0"]
     assert (out / "checkpoint_final.pth").is_file()
     # final validation: nnU-Net's split of the fold's cases over the ranks covers each case once

@@ -3,7 +3,9 @@
 Every run is `python train.py` on the tiny dataset, deterministic (--seed, --deterministic, in-process
 augmentation, one thread), so an interrupted-and-resumed run must end bit-identical to an uninterrupted one.
 Kills and signals land at events, never after a sleep: the test-only pause hook (`fault_hooks.py`) stops the
-process at a chosen step, validation or write and waits there, so a fast machine cannot finish first.
+process at a chosen step, validation or write and waits there, so a fast machine cannot finish first. Checkpoint
+writes run on a background thread (background_io.py): a `write=` pause holds that thread, and the kill lands while
+training goes on, or once the training thread waits for the held write at its next boundary.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def alive(pids: set[int]) -> set[int]:
 def pause_at(event: str, marker: Path) -> dict[str, str]:
     """Environment for the test-only pause hook: stop at `event` (step=N, val=E, write=NAME) and wait."""
     marker.unlink(missing_ok=True)
+    marker.with_name(marker.name + ".waiting").unlink(missing_ok=True)
     return {PAUSE_ENV: f"{event}@{marker}"}
 
 
@@ -117,12 +120,12 @@ def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(tiny_
     ckpts = results / FOLD / "checkpoints"
     marker = tmp_path / "paused"
     rng = random.Random(0)
-    modes = ["checkpoint_write", "step", "random", "step", "checkpoint_write", "step"]
+    modes = ["checkpoint_write", "step", "random", "step", "checkpoint_write_waited", "step"]
     kills = []
     for mode in modes:
         resumed = choose_resume_checkpoint(ckpts, "last.ckpt")[0].global_step if any(ckpts.glob("*.ckpt")) else 0
         resume = ("--resume", "true") if resumed else ()
-        if mode == "checkpoint_write":  # while last.ckpt's temporary file is written and not yet renamed
+        if mode.startswith("checkpoint_write"):  # while last.ckpt's temporary file is written, not yet renamed
             event = "write=last.ckpt"
         elif mode == "step":  # during the epoch after this process's first checkpoint
             event = f"step={min(total, resumed + iters + rng.randint(1, iters))}"
@@ -131,6 +134,11 @@ def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(tiny_
                                 f"val={rng.randint(resumed // iters, epochs - 1)}"])
         proc = spawn(results, *resume, epochs=epochs, iters=iters, env=pause_at(event, marker))
         hit = paused(marker, proc)
+        if event.startswith("write"):  # the writer thread is held there; the training thread goes on without it
+            note = marker.read_text()
+            hit = hit and "on thread" in note and "MainThread" not in note
+        if mode == "checkpoint_write_waited":  # kill once the training thread, at its next boundary, waits for it
+            hit = hit and wait_for(marker.with_name(marker.name + ".waiting").exists, 240, proc)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)

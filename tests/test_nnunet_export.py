@@ -80,16 +80,21 @@ def test_export_is_used_by_nnunet_predict_and_matches_our_network(tiny_dataset, 
 def test_checkpoint_latest_follows_save_every_like_nnunet(tiny_dataset, results_dir, monkeypatch):
     from test_training import fit
 
-    from resenc_lightning.callbacks import nnunet_export
+    from resenc_lightning import background_io
 
     written: list[tuple[str, int]] = []
-    real_save = nnunet_export.atomic_save
+    real_save, real_copy = background_io.atomic_save, background_io.copy_finished
 
     def recording_save(obj, path):
-        written.append((Path(path).name, obj["current_epoch"]))
+        written.append((Path(path).name, obj.get("current_epoch")))
         real_save(obj, path)
 
-    monkeypatch.setattr(nnunet_export, "atomic_save", recording_save)
+    def recording_copy(source, target):  # the boundary's other files: copies of the one just serialised
+        written.append((Path(target).name, written[-1][1]))
+        real_copy(source, target)
+
+    monkeypatch.setattr(background_io, "atomic_save", recording_save)  # the writer thread's saves
+    monkeypatch.setattr(background_io, "copy_finished", recording_copy)
     fit(tiny_args(results_dir, "--save_every", "2", "--nnunet_export.plot_progress", "false", epochs=5, iters=1,
                   val_iters=1))
     # nnU-Net: after every save_every-th epoch except the last (checkpoint epoch = epochs done: 2, 4); final at the end

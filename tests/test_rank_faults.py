@@ -231,12 +231,14 @@ def test_a_launcher_that_finished_waits_for_the_ranks_it_started():
 
 
 def test_under_ddp_checkpoints_are_written_atomically(tiny_dataset, tmp_path):
-    """Only rank 0 writes, through the strategy's CheckpointIO: the atomic one, so a kill -9 of any rank (or the
-    observer's SIGKILL of rank 0) mid-save leaves the previous last.ckpt whole."""
+    """Only rank 0 writes, through the strategy's CheckpointIO: the atomic one (behind the background writer), so a
+    kill -9 of any rank (or the observer's SIGKILL of rank 0) mid-save leaves the previous last.ckpt whole."""
     from resenc_lightning.atomic import AtomicCheckpointIO
+    from resenc_lightning.background_io import BackgroundCheckpointIO
     from resenc_lightning.cli import build_cli
 
     cli = build_cli(tiny_args(tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                               "--trainer.strategy", "ddp"))
     assert type(cli.trainer.strategy).__name__ == "DDPStrategy"
-    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    io = cli.trainer.strategy.checkpoint_io
+    assert isinstance(io, BackgroundCheckpointIO) and isinstance(io.checkpoint_io, AtomicCheckpointIO)

@@ -11,6 +11,7 @@ from conftest import stop_at_step_and_resume, tiny_args
 
 from resenc_lightning import atomic
 from resenc_lightning.atomic import AtomicCheckpointIO, CheckpointWriteError, atomic_save
+from resenc_lightning.background_io import BackgroundCheckpointIO
 from resenc_lightning.cli import UsageError, build_cli, main
 from resenc_lightning.memory_target import GB, first_step_oom_message
 from resenc_lightning.module import ResEncUNetModule
@@ -100,7 +101,8 @@ def test_seed_and_deterministic_flags_reach_lightning(tiny_dataset, results_dir)
     cli = build_cli(tiny_args(results_dir, "--seed", "99", "--deterministic", "true"))
     assert cli.config["seed_everything"] == 99 and os.environ["PL_GLOBAL_SEED"] == "99"
     assert cli.config.trainer.deterministic is True and torch.are_deterministic_algorithms_enabled()
-    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    io = cli.trainer.strategy.checkpoint_io
+    assert isinstance(io, BackgroundCheckpointIO) and isinstance(io.checkpoint_io, AtomicCheckpointIO)
 
 
 def test_sigterm_mid_epoch_then_resume_ends_bit_identical_to_an_uninterrupted_run(tiny_dataset, tmp_path):

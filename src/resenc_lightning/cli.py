@@ -24,7 +24,9 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from resenc_lightning import demo, quiet
-from resenc_lightning.atomic import AtomicCheckpointIO, CheckpointWriteError
+from resenc_lightning.atomic import CheckpointWriteError
+from resenc_lightning.background_io import BackgroundCheckpointIO
+from resenc_lightning.callbacks.checkpoint_boundaries import CheckpointBoundaries
 from resenc_lightning.callbacks.cudnn_pinning import CudnnPinning
 from resenc_lightning.callbacks.epoch_timing import EpochTiming
 from resenc_lightning.callbacks.gpu_monitor import GpuMonitor
@@ -199,7 +201,8 @@ class ResEncLightningCLI(LightningCLI):
         plugins = config.get("plugins")
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins] if plugins is not None else []
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(AtomicCheckpointIO())  # a crash mid-save never leaves a truncated .ckpt
+            # atomic files (a crash mid-save never leaves a truncated .ckpt), written off the training thread
+            plugins.append(BackgroundCheckpointIO())
         config["plugins"] = plugins
         return self._instantiate_trainer(config, extra + self.forced_callbacks())
 
@@ -228,6 +231,7 @@ class ResEncLightningCLI(LightningCLI):
             RNGStateCheckpoint(),
             *([pause] if (pause := PauseAt.from_env()) is not None else []),  # test-only, before GracefulStop
             GracefulStop(self.checkpoint_dir / LAST_CHECKPOINT, self.stop_signals),
+            CheckpointBoundaries(),  # after NnUNetExport: the end of training waits for checkpoint_final.pth too
         ]
 
     def import_native_checkpoint(self, path: str, ckpt_path: str | None) -> str:

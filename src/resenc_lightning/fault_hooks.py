@@ -8,7 +8,9 @@ file and blocks until the test acts: it kills it, sends a stop signal (which end
 - `step=N`: after global step N's training step (first in `on_train_batch_end`, before any stop handling);
 - `val=E`: after the first validation batch of epoch E;
 - `final=1`: at the first network forward of the final (sliding-window) validation;
-- `write=NAME`: while NAME's temporary file is complete and fsynced but not yet renamed (see `atomic.py`).
+- `write=NAME`: while NAME's temporary file is complete and fsynced but not yet renamed (see `atomic.py`); with
+  background checkpoints this holds the writer thread, and when the training thread then has to wait for that
+  write (next boundary, stop, end of training) it writes `<marker>.waiting` first.
 
 Under DDP each rank uses `<marker>.rank<N>`. Unset (every real run), the CLI adds no callback and
 `atomic_write` does one dict lookup: production pays nothing. Never set it outside tests.
@@ -17,6 +19,7 @@ Under DDP each rank uses `<marker>.rank<N>`. Unset (every real run), the CLI add
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,7 +65,14 @@ def pause_before_rename(path: Path) -> None:
     """The `write=NAME` event, called by `atomic_write` between fsync and rename."""
     spec = pause_spec()
     if spec is not None and spec[0] == "write" and path.name == spec[1]:
-        pause(spec[2], str(path))
+        pause(spec[2], f"{path} on thread {threading.current_thread().name}")
+
+
+def waiting_for_writes() -> None:
+    """The training thread is about to block on a background write (the `write=NAME` event's `<marker>.waiting`)."""
+    spec = pause_spec()
+    if spec is not None and spec[0] == "write":
+        _write_whole(spec[2].with_name(spec[2].name + ".waiting"), "waiting for a checkpoint write")
 
 
 def rank_marker(marker: Path) -> Path:

@@ -15,6 +15,8 @@ runs Lightning's requeue routine (hpc_ckpt_N.ckpt, `scontrol requeue`) from ther
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,6 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from resenc_lightning.background_io import background_io
 from resenc_lightning.stop_signals import REQUEUE_OFFSET, StopSignals
 
 
@@ -112,15 +115,28 @@ class GracefulStop(pl.Callback):
         if isinstance(batches, RewindableBatches):  # the RNGs saved must be the first untrained batch's (undo prefetch)
             batches.rewind_to(int(trainer.fit_loop.epoch_loop.batch_progress.current.completed))
         self.saved_at_step = trainer.global_step
-        if self.requeue:  # Lightning's requeue routine, at a boundary on every rank, outside any handler
-            self.saved_to = requeue_now(trainer, self.received)
-            rank_zero_info(f"Saved {self.saved_to} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
-                           f"the requeued job resumes from it.")
-            return
-        trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # a full checkpoint, said explicitly
+        with self._writes_done_first(trainer):  # pending background writes finish; the stop checkpoint is written
+            if self.requeue:  # Lightning's requeue routine, at a boundary on every rank, outside any handler
+                self.saved_to = requeue_now(trainer, self.received)  # before `scontrol requeue` runs
+                rank_zero_info(f"Saved {self.saved_to} at epoch {trainer.current_epoch}, step "
+                               f"{trainer.global_step}; the requeued job resumes from it.")
+                return
+            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # a full checkpoint, said explicitly
         self.saved_to = self.checkpoint_path
         rank_zero_info(f"Saved {self.checkpoint_path} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
                        f"continue with --resume.")
+
+    @staticmethod
+    @contextmanager
+    def _writes_done_first(trainer: pl.Trainer) -> Iterator[None]:
+        """Background checkpoint writes still pending finish first, then the stop checkpoint is written on this
+        thread: the process exits (or SLURM requeues it) only with every file complete."""
+        io = background_io(trainer)
+        if io is None:
+            yield
+            return
+        with io.synchronous("Waiting for pending checkpoint writes before stopping."):
+            yield
 
     def state_dict(self) -> dict[str, Any]:
         return {}

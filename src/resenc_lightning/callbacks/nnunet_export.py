@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from resenc_lightning.atomic import atomic_copy, atomic_save
+from resenc_lightning.background_io import background_io
 
 NNUNET_TRAINER_CLASS = "nnUNetTrainer"
 
@@ -65,7 +66,7 @@ class NnUNetExport(pl.Callback):
         spec = pl_module.spec
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         return {
-            "network_weights": {k: v.detach().cpu() for k, v in pl_module.network.state_dict().items()},
+            "network_weights": {k: v.detach() for k, v in pl_module.network.state_dict().items()},
             "optimizer_state": trainer.optimizers[0].state_dict() if trainer.optimizers else None,
             "grad_scaler_state": scaler.state_dict() if scaler is not None else None,
             "logging": {k: list(v) for k, v in pl_module.nnunet_log.items()},
@@ -85,10 +86,10 @@ class NnUNetExport(pl.Callback):
         epoch = trainer.current_epoch
         if self.write_latest and (epoch + 1) % max(1, self.latest_every) == 0 and epoch != trainer.max_epochs - 1:
             ckpt = self.checkpoint(trainer, pl_module)
-            atomic_save(ckpt, fold / "checkpoint_latest.pth")
+            self._save(trainer, ckpt, fold / "checkpoint_latest.pth")
         best = pl_module.best_ema
         if best is not None and (self._exported_best is None or best > self._exported_best):
-            atomic_save(ckpt or self.checkpoint(trainer, pl_module), fold / "checkpoint_best.pth")
+            self._save(trainer, ckpt or self.checkpoint(trainer, pl_module), fold / "checkpoint_best.pth")
             self._exported_best = best
             rank_zero_info(f"nnU-Net export: new best EMA pseudo Dice {best:.4f} -> checkpoint_best.pth")
         if self.plot_progress:
@@ -100,10 +101,27 @@ class NnUNetExport(pl.Callback):
         fold = self._fold_folder(pl_module)
         ckpt = self.checkpoint(trainer, pl_module)
         ckpt["current_epoch"] = trainer.current_epoch  # the loop already advanced past the last epoch
-        atomic_save(ckpt, fold / "checkpoint_final.pth")
+        self._save(trainer, ckpt, fold / "checkpoint_final.pth")
         latest = fold / "checkpoint_latest.pth"
-        if latest.exists():
-            latest.unlink()
+        io = background_io(trainer)
+        if io is not None:  # only once checkpoint_final.pth is complete
+            io.then(lambda: latest.unlink(missing_ok=True), self._boundary(trainer))
+        else:
+            latest.unlink(missing_ok=True)
+
+    @staticmethod
+    def _boundary(trainer: pl.Trainer) -> tuple[int, int]:
+        """The key Lightning's own checkpoint of this moment has (its "epoch" and "global_step")."""
+        return trainer.current_epoch, trainer.global_step
+
+    def _save(self, trainer: pl.Trainer, ckpt: dict[str, Any], path: Path) -> None:
+        """Off the training thread from the boundary's host snapshot when the background writer is in use."""
+        io = background_io(trainer)
+        if io is not None:
+            io.save_derived(ckpt, path, self._boundary(trainer))
+        else:
+            ckpt["network_weights"] = {k: v.cpu() for k, v in ckpt["network_weights"].items()}
+            atomic_save(ckpt, path)
 
     @staticmethod
     def _plot(pl_module: pl.LightningModule, fold: Path) -> None:
