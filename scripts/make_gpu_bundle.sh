@@ -46,6 +46,8 @@ PKGS=(
     yacs==0.1.8
     monai==1.6.1                         # final validation's HD95 / surface Dice (validation.py)
     jsonargparse==4.53.0                 # LightningCLI (our cli.py)
+    submitit==1.5.4                      # experiment.py's job executors (pure Python)
+    cloudpickle==3.1.3                   # submitit
     docstring_parser==0.18.0             # jsonargparse[signatures]
     typeshed_client==2.15.0              # jsonargparse[signatures]
 )
