@@ -30,6 +30,8 @@ ALLOWED = [re.compile(p) for p in (
     # the same callbacks' warnings (a drift, another process on the GPU), printed with their source line
     r".*resenc_lightning/callbacks/\w+\.py:\d+: (CudaMemoryCap|CudnnPinning|GpuMonitor|EpochTiming): .*",
     r"nnU-Net export: .*",
+    # ours, only when the last epoch's checkpoint writes (background_io.py) are still running at the end
+    r"Waiting for the checkpoint writes to finish before training ends\.",
     r"Epoch \d+/\d+  train_loss .*",
     r"`Trainer\.fit` stopped: `max_epochs=\d+` reached\.",
     r"Validation complete", r"Mean Validation Dice: .*",  # nnU-Net's final validation, about the run
