@@ -217,9 +217,9 @@ def test_one_lightning_training_step_equals_nnunet_train_step(tiny_dataset, resu
     ref.lr_scheduler.step(0)  # nnUNetTrainer.on_train_epoch_start
     ref_loss = ref.train_step(copy.deepcopy(batch))["loss"]
 
-    trainer = pl.Trainer(**{**TRAINER_DEFAULTS, "num_sanity_val_steps": 0}, max_epochs=1, limit_val_batches=0,
-                         accelerator="cpu", precision="32-true", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(**{**TRAINER_DEFAULTS, "num_sanity_val_steps": 0, "enable_model_summary": False},
+                         max_epochs=1, limit_val_batches=0, accelerator="cpu", precision="32-true", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(ours, train_dataloaders=torch.utils.data.DataLoader([copy.deepcopy(batch)], batch_size=None))
     assert trainer.global_step == 1
     assert float(ours._train_losses[0]) == float(ref_loss)
