@@ -6,10 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from conftest import TINY_ID, TINY_NAME, TINY_PLANS
+from conftest import TINY_ID, TINY_NAME, TINY_PLANS, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = f"nnUNetTrainer_Lightning__{TINY_PLANS}__3d_fullres"
@@ -53,13 +52,10 @@ def slurm_partition() -> str | None:
 
 
 def wait_until(predicate, what: str, timeout: float = 600.0) -> None:
-    """Poll an event (a marker file, a job state); the timeout only bounds a hung job."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    """conftest.wait_for (poll an event: a marker file, a job state), failing with what was awaited; the timeout
+    only bounds a hung job."""
+    if not wait_for(predicate, timeout, poll=0.1):
+        raise AssertionError(f"timed out waiting for {what}")
 
 
 def submissions() -> set[str]:
